@@ -1,0 +1,87 @@
+"""Rows -> batches: duplicate-free and seeded; token id lists -> padded tensors.
+
+MNR treats every other candidate in a batch as a negative, so a text that appears twice in a
+batch (in any column) becomes a false negative: the loss pushes a sentence away from itself.
+``duplicate_free_batches`` never lets that happen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from mnr.data import TrainingSet
+from mnr.errors import DataError
+
+
+def duplicate_free_batches(rows: Sequence[tuple[str, ...]], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffle ``rows`` with ``seed`` and cut them into batches in which no text repeats.
+
+    A row that clashes with the batch being filled waits for the next one (it is tried first
+    there), so every row is used exactly once per epoch and the order stays close to the shuffle.
+    Returns lists of row indices; only the last batches can be smaller than ``batch_size``.
+    The result depends only on (rows, batch_size, seed), which makes a run's batch order
+    reproducible and a resumed run's position a plain index.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    pending = deque(order)
+    waiting: list[int] = []  # rows that clashed with an earlier batch, oldest first
+    batches: list[list[int]] = []
+    while pending or waiting:
+        batch: list[int] = []
+        seen: set[str] = set()
+        still_waiting: list[int] = []
+        candidates = iter(waiting)
+        while len(batch) < batch_size:
+            index = next(candidates, None)
+            if index is None:
+                if not pending:
+                    break
+                index = pending.popleft()
+            if seen.isdisjoint(rows[index]):
+                batch.append(index)
+                seen.update(rows[index])
+            else:
+                still_waiting.append(index)
+        waiting = still_waiting + list(candidates)  # keep the oldest first
+        batches.append(batch)
+    return batches
+
+
+def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
+                  duplicate_free: bool = True) -> list[list[int]]:
+    """The batches of one epoch: a fresh shuffle per epoch, reproducible from (seed, epoch).
+
+    ``duplicate_free=False`` is for losses without in-batch negatives (softmax), where a repeated
+    premise is harmless and plain shuffled batches keep every batch full.
+    """
+    epoch_seed = seed * 1_000_003 + epoch
+    if not duplicate_free:
+        order = list(range(len(data.rows)))
+        random.Random(epoch_seed).shuffle(order)
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = duplicate_free_batches(data.rows, batch_size, seed=epoch_seed)
+    if max(len(b) for b in batches) < batch_size:
+        distinct = len({t for row in data.rows for t in row})
+        raise DataError(
+            f"{', '.join(data.sources)}: not enough distinct texts for one batch of {batch_size} without "
+            f"duplicates ({len(data.rows)} rows, {distinct} distinct texts); lower --batch-size or add data"
+        )
+    return batches
+
+
+def pad_ids(id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad id lists to the longest one: (B, T) input_ids and attention_mask."""
+    longest = max(len(ids) for ids in id_lists)
+    input_ids = torch.full((len(id_lists), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(id_lists), longest), dtype=torch.long)
+    for i, ids in enumerate(id_lists):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

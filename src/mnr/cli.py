@@ -1,0 +1,169 @@
+"""``mnr train | eval | encode``: parse flags, call one plain function, report errors plainly."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+
+from mnr.errors import MnrError
+
+TRAIN_EXAMPLES = """\
+examples:
+  # fine-tune the packaged all-MiniLM-L6-v2 on NLI entailment pairs, evaluating on STSb dev
+  mnr train --model sentence-transformers/all-MiniLM-L6-v2 \\
+      --data nli/snli_dev.jsonl.gz nli/mnli_dev_matched.jsonl.gz --data-dir ../shared/data \\
+      --sts-dev sts/stsb_dev.jsonl.gz --output runs/nli --batch-size 32 --epochs 1
+
+  # your own (anchor, positive) pairs, with other column names
+  mnr train --data my_pairs.csv --columns anchor=question,positive=answer --output runs/qa
+
+  # a recipe file, with one value overridden
+  mnr train --config configs/nli-minilm-cpu.toml --output runs/demo --lr 3e-5
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mnr",
+        description="Fine-tune sentence-embedding models with Multiple Negatives Ranking loss, "
+                    "and measure them on semantic textual similarity (STS).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train_parser = commands.add_parser(
+        "train", help="fine-tune a model", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a sentence-embedding model. Settings come from the defaults, then --config, "
+                    "then flags. The output directory gets final/ (the last model), best/ (the best on "
+                    "--sts-dev), log.jsonl and config.toml; both models load with sentence-transformers.")
+    train_parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
+    _add_config_flags(train_parser)
+
+    eval_parser = commands.add_parser(
+        "eval", help="STS Spearman/Pearson of one or more models, as a markdown table",
+        description="Correlation (x100) between the cosine similarity of each sentence pair and its gold score. "
+                    "Several models give one comparison table.")
+    eval_parser.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub names")
+    eval_parser.add_argument("--sts", nargs="+", metavar="FILE", help="STS files (sentence1, sentence2, score); "
+                             "default: sts/stsb_test.jsonl.gz under --data-dir")
+    eval_parser.add_argument("--data-dir", help="where relative --sts paths are looked up (default: $MNR_DATA_DIR)")
+    eval_parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+
+    encode_parser = commands.add_parser(
+        "encode", help="embed the lines of a text file into a .npy array",
+        description="Embed each line of a UTF-8 text file; row i of the (N, D) float32 array is line i.")
+    encode_parser.add_argument("model", metavar="MODEL", help="model directory or hub name")
+    encode_parser.add_argument("--input", required=True, metavar="FILE.txt", help="one text per line")
+    encode_parser.add_argument("--output", required=True, metavar="FILE.npy", help="where to write the embeddings")
+    encode_parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    encode_parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars around our own output
+    try:
+        return {"train": _train, "eval": _eval, "encode": _encode}[args.command](args)
+    except MnrError as e:
+        print(f"mnr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mnr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; default None so we can tell which flags were given."""
+    from mnr.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default!r})" if default not in ("", []) else f.metadata["help"]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind == list[str]:
+            parser.add_argument(flag, nargs="+", default=None, metavar="FILE", help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mnr.config import TrainConfig
+    from mnr.train import train
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig.from_sources(args.config, **flags)
+    result = train(config)
+    print(f"final model: {result.final}")
+    if result.best is not None:
+        print(f"best model:  {result.best} (STS dev Spearman {result.best_score:.2f})")
+    print(f"trained {result.steps} steps, {result.rows} examples, {result.rows / result.train_seconds:.1f} "
+          f"examples/s")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mnr.data import data_dir, load_sts, resolve_path
+    from mnr.errors import ConfigError
+    from mnr.evaluate import comparison_table, evaluate_sts
+    from mnr.model import SentenceEncoder
+
+    root = data_dir(args.data_dir)
+    if args.sts:
+        specs = args.sts
+    elif root is not None:
+        specs = ["sts/stsb_test.jsonl.gz"]
+    else:
+        raise ConfigError("--sts: no STS file given (and no --data-dir / $MNR_DATA_DIR to find stsb_test in)")
+    sets = {_short_name(spec): load_sts(resolve_path(spec, root)) for spec in specs}
+    results = {}
+    for name in args.models:
+        encoder = SentenceEncoder.load(name)
+        results[name] = {set_name: evaluate_sts(encoder, examples, args.batch_size)
+                         for set_name, examples in sets.items()}
+    print(comparison_table(results))
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mnr.errors import DataError
+    from mnr.model import SentenceEncoder
+
+    try:
+        texts = Path(args.input).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{args.input}: cannot read: {e}") from None
+    for line_no, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise DataError(f"{args.input}:{line_no}: empty line (every line is a text to embed)")
+    if not texts:
+        raise DataError(f"{args.input}: empty file")
+    encoder = SentenceEncoder.load(args.model)
+    embeddings = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize)
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, embeddings)
+    tmp.replace(output)  # atomic: never a half-written array at --output
+    print(f"{output}: {embeddings.shape[0]} x {embeddings.shape[1]} float32")
+    return 0
+
+
+def _short_name(spec: str) -> str:
+    name = Path(spec).name
+    for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

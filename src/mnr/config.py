@@ -1,0 +1,159 @@
+"""Training configuration: one dataclass, defaults < ``--config file.toml`` < flags.
+
+Each field's ``help`` becomes its ``--flag``'s help text; ``__post_init__`` checks every value
+and names the flag at fault, so a bad setting fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnr.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default, help: str, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = _f("sentence-transformers/all-MiniLM-L6-v2",
+                    "base model: a local directory, a Hugging Face hub name, or a sentence-transformers model")
+    data: list[str] = _f([], "training files (.jsonl/.csv/.tsv[.gz], .parquet) or hub datasets "
+                             "(hf:NAME[:CONFIG]:SPLIT); NLI (premise, hypothesis, label) or pairs "
+                             "(anchor, positive[, negative])")
+    data_dir: str = _f("", "where relative --data/--sts-dev paths are looked up (default: $MNR_DATA_DIR)")
+    columns: str = _f("", "map your column names to ours: OURS=THEIRS,... e.g. anchor=question,positive=answer")
+    output: str = _f("", "output directory: final/ (last model), best/ (best STS dev), log.jsonl, config.toml")
+    max_examples: int = _f(0, "train on a seeded random sample of this many examples (0: all)")
+    # objective
+    loss: str = _f("mnr", "mnr (Multiple Negatives Ranking) or softmax (SBERT NLI classifier)")
+    hard_negatives: bool = _f(False, "NLI data: train on (premise, entailment, contradiction) triplets "
+                                     "instead of (premise, entailment) pairs")
+    symmetric: bool = _f(False, "mnr: also rank anchors given each positive, and average both directions")
+    scale: float = _f(20.0, "mnr: cosine similarities are multiplied by this (1 / temperature)")
+    # model
+    pooling: str = _f("", "mean, cls or max (default: the model's own; mean for a plain checkpoint)")
+    max_seq_length: int = _f(128, "truncate texts to this many tokens")
+    packing: bool = _f(True, "run the encoder on real tokens only, no padding (BERT/RoBERTa-family models; "
+                             "others always pad)")
+    # optimisation
+    batch_size: int = _f(32, "rows per batch; with MNR every other row's texts are negatives")
+    epochs: int = _f(1, "passes over the training data")
+    lr: float = _f(2e-5, "peak learning rate of AdamW")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up from 0 to --lr, then linear decay to 0")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm)")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = _f(0, "seed for shuffling, dropout and initialisation")
+    bf16: bool = _f(False, "bf16 autocast for the encoder (fp32 weights and loss); on CPUs with AVX-512 BF16 and GPUs")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    # evaluation
+    sts_dev: str = _f("", "STS file (sentence1, sentence2, score) to evaluate on during training; best/ keeps the "
+                          "best model by its Spearman")
+    eval_steps: int = _f(500, "evaluate on --sts-dev every this many steps (and before and after training)")
+
+    def __post_init__(self):
+        _check_types(self, "")
+        checks = [
+            (self.loss in ("mnr", "softmax"), "--loss must be mnr or softmax"),
+            (self.pooling in ("", "mean", "cls", "max"), "--pooling must be mean, cls or max"),
+            (self.batch_size >= 2, "--batch-size must be at least 2 (MNR needs in-batch negatives)"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number"),
+            (0 <= self.warmup_ratio <= 1, "--warmup-ratio must be between 0 and 1"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (math.isfinite(self.scale) and self.scale > 0, "--scale must be a positive number"),
+            (self.max_seq_length >= 2, "--max-seq-length must be at least 2 (room for the special tokens)"),
+            (self.max_examples >= 0, "--max-examples must be >= 0"),
+            (self.eval_steps >= 1, "--eval-steps must be at least 1"),
+            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             "--device must be auto, cpu, cuda or cuda:N"),
+            (not (self.loss == "softmax" and (self.hard_negatives or self.symmetric)),
+             "--hard-negatives and --symmetric apply to --loss mnr only"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                name = message.split()[0][2:].replace("-", "_")
+                raise ConfigError(f"{message}, got {getattr(self, name)!r}")
+
+    # ------------------------------------------------------------ files
+
+    @classmethod
+    def from_sources(cls, config_file: str | None = None, **flags) -> TrainConfig:
+        """defaults < values in ``config_file`` < ``flags`` (flags that are None were not given)."""
+        values = load_toml(config_file) if config_file else {}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**values)
+
+    def to_toml(self) -> str:
+        """The resolved config, to save beside the model: every field, in declaration order."""
+        lines = ["# resolved mnr training config: `mnr train --config THIS_FILE` repeats the run"]
+        for f in dataclasses.fields(self):
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a config file; unknown keys and wrong types are errors that name the file and key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML ({e})") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: [{key}] tables are not used; write key = value at the top level")
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    try:
+        TrainConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return values
+
+
+def _check_types(config: TrainConfig, where: str) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(config):
+        value, expected = getattr(config, f.name), hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+            continue
+        if expected == list[str]:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            kind = {str: "text", int: "an integer", float: "a number", bool: "true or false"}.get(expected,
+                                                                                                 "a list of text")
+            raise ConfigError(f"{where}{flag} must be {kind}, got {value!r}")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON string is a valid TOML basic string

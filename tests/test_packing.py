@@ -1,0 +1,106 @@
+"""The packed forward must be the padded forward, minus the padding: same embeddings, same gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from mnr.losses import MultipleNegativesRankingLoss
+from mnr.model import SentenceEncoder
+from mnr.packing import length_buckets, pack, padding_index, unpack
+
+from .conftest import SENTENCES
+
+
+def tiny(model_type: str, tokenizer, pooling: str) -> SentenceEncoder:
+    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    if model_type == "bert":
+        transformer = transformers.BertModel(transformers.BertConfig(max_position_embeddings=128, **common))
+    else:  # RoBERTa numbers positions from padding_idx + 1
+        transformer = transformers.RobertaModel(transformers.RobertaConfig(max_position_embeddings=130,
+                                                                           pad_token_id=1, **common))
+    return SentenceEncoder(transformer, tokenizer, pooling=pooling, max_seq_length=64)
+
+
+def padded_twin(encoder: SentenceEncoder) -> SentenceEncoder:
+    twin = copy.deepcopy(encoder)
+    twin.transformer.set_attn_implementation("sdpa")
+    twin.packed = False
+    return twin
+
+
+# fp32: equal up to summation order; fp64: the same computation to 1e-10
+TOLERANCES = {torch.float32: dict(atol=5e-6, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_packed_equals_padded_in_value_and_gradient(tiny_encoder, model_type, pooling, dtype):
+    packed = tiny(model_type, tiny_encoder.tokenizer, pooling).to(dtype)
+    assert packed.packed
+    padded = padded_twin(packed)
+    ids = packed.tokenize(SENTENCES[:12] + ["word " * 40, "x"])  # lengths 3..42: lots of padding
+
+    a = packed.embed(ids)
+    b = padded.embed(ids)
+    assert a.dtype == dtype
+    torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+
+    loss = MultipleNegativesRankingLoss()
+    loss(list(a[:14].split(7))).backward()
+    loss(list(b[:14].split(7))).backward()
+    for (name, p), q in zip(packed.named_parameters(), padded.parameters(), strict=True):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, **TOLERANCES[dtype], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_packed_training_with_dropout_runs(tiny_encoder):
+    """Dropout is drawn differently in the two layouts, so only check it runs and is finite."""
+    encoder = tiny("bert", tiny_encoder.tokenizer, "mean")
+    encoder.transformer.config.attention_probs_dropout_prob = 0.1
+    encoder.train()
+    out = encoder.embed(encoder.tokenize(SENTENCES[:6]))
+    assert out.shape == (6, 32) and torch.isfinite(out).all()
+
+
+def test_encode_is_the_same_packed_or_padded(tiny_encoder):
+    assert tiny_encoder.packed
+    padded = padded_twin(tiny_encoder)
+    torch.testing.assert_close(torch.from_numpy(tiny_encoder.encode(SENTENCES, batch_size=5)),
+                               torch.from_numpy(padded.encode(SENTENCES, batch_size=5)), atol=2e-6, rtol=1e-5)
+
+
+def test_pack_and_unpack():
+    batch = pack([[5, 6, 7], [8], [9, 10]], position_offset=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 4, 6] and batch["max_length"] == 3
+    assert pack([[1, 2], [3]], position_offset=2, device=torch.device("cpu"))["position_ids"].tolist() == [[2, 3, 2]]
+    index, mask = padding_index(batch["cu_seq_lens"], 3)
+    assert index.tolist() == [[0, 1, 2], [3, 6, 6], [4, 5, 6]]
+    blocks, mask2 = unpack(torch.arange(1.0, 7.0).unsqueeze(1), batch["cu_seq_lens"], 3)
+    assert blocks.squeeze(-1).tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+    assert torch.equal(mask, mask2)
+
+
+def test_unsupported_architectures_fall_back_to_padding(tiny_encoder):
+    config = transformers.DistilBertConfig(vocab_size=tiny_encoder.tokenizer.vocab_size, dim=32, n_layers=1,
+                                           n_heads=2, hidden_dim=64)
+    encoder = SentenceEncoder(transformers.DistilBertModel(config), tiny_encoder.tokenizer)
+    assert not encoder.packed
+    assert encoder.embed(encoder.tokenize(SENTENCES[:3])).shape == (3, 32)
+
+
+def test_length_buckets():
+    assert length_buckets([40, 38, 31, 29, 20, 16, 15, 4]) == [(0, 3), (3, 4), (4, 7), (7, 8)]
+    assert length_buckets([10, 10, 10]) == [(0, 3)]
+    assert length_buckets([5, 50, 45]) == [(0, 1), (1, 3)]  # unsorted input still gives valid runs
+    assert length_buckets([]) == []
