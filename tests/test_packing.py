@@ -10,7 +10,7 @@ import transformers
 
 from mnr.losses import MultipleNegativesRankingLoss
 from mnr.model import SentenceEncoder
-from mnr.packing import length_buckets, pack, padding_index, unpack
+from mnr.packing import LENGTH_MULTIPLE, length_buckets, pack, padding_index, unpack
 
 from .conftest import SENTENCES
 
@@ -47,8 +47,8 @@ def test_packed_equals_padded_in_value_and_gradient(tiny_encoder, model_type, po
     padded = padded_twin(packed)
     ids = packed.tokenize(SENTENCES[:12] + ["word " * 40, "x"])  # lengths 3..42: lots of padding
 
-    a = packed.embed(ids)
-    b = padded.embed(ids)
+    a = packed(ids)
+    b = padded(ids)
     assert a.dtype == dtype
     torch.testing.assert_close(a, b, **TOLERANCES[dtype])
 
@@ -67,7 +67,7 @@ def test_packed_training_with_dropout_runs(tiny_encoder):
     encoder = tiny("bert", tiny_encoder.tokenizer, "mean")
     encoder.transformer.config.attention_probs_dropout_prob = 0.1
     encoder.train()
-    out = encoder.embed(encoder.tokenize(SENTENCES[:6]))
+    out = encoder(encoder.tokenize(SENTENCES[:6]))
     assert out.shape == (6, 32) and torch.isfinite(out).all()
 
 
@@ -80,11 +80,13 @@ def test_encode_is_the_same_packed_or_padded(tiny_encoder):
 
 def test_pack_and_unpack():
     batch = pack([[5, 6, 7], [8], [9, 10]], position_offset=0, device=torch.device("cpu"))
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    filler = LENGTH_MULTIPLE - 6  # the packed length is rounded up with filler tokens of no text
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10] + [0] * filler]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1] + [0] * filler]
     assert batch["cu_seq_lens"].tolist() == [0, 3, 4, 6] and batch["max_length"] == 3
-    assert pack([[1, 2], [3]], position_offset=2, device=torch.device("cpu"))["position_ids"].tolist() == [[2, 3, 2]]
-    index, mask = padding_index(batch["cu_seq_lens"], 3)
+    positions = pack([[1, 2], [3]], position_offset=2, device=torch.device("cpu"))["position_ids"]
+    assert positions[0, :3].tolist() == [2, 3, 2]
+    index, mask = padding_index(batch["cu_seq_lens"], 3, pad_row=6)
     assert index.tolist() == [[0, 1, 2], [3, 6, 6], [4, 5, 6]]
     blocks, mask2 = unpack(torch.arange(1.0, 7.0).unsqueeze(1), batch["cu_seq_lens"], 3)
     assert blocks.squeeze(-1).tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
@@ -96,7 +98,7 @@ def test_unsupported_architectures_fall_back_to_padding(tiny_encoder):
                                            n_heads=2, hidden_dim=64)
     encoder = SentenceEncoder(transformers.DistilBertModel(config), tiny_encoder.tokenizer)
     assert not encoder.packed
-    assert encoder.embed(encoder.tokenize(SENTENCES[:3])).shape == (3, 32)
+    assert encoder(encoder.tokenize(SENTENCES[:3])).shape == (3, 32)
 
 
 def test_length_buckets():

@@ -29,6 +29,7 @@ from torch import nn
 
 from mnr import packing
 from mnr.batching import pad_ids
+from mnr.dropout import use_fast_dropout
 from mnr.errors import ModelError
 from mnr.fileio import atomic_directory, write_json
 
@@ -79,6 +80,7 @@ class SentenceEncoder(nn.Module):
         # gradient, and DistributedDataParallel rejects trainable parameters without one.
         if getattr(transformer, "pooler", None) is not None:
             transformer.pooler.requires_grad_(False)
+        use_fast_dropout(transformer)
         if pooling not in POOLING_MODES:
             raise ModelError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
         self.transformer = transformer
@@ -103,18 +105,18 @@ class SentenceEncoder(nn.Module):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids and mask -> (B, D) sentence embeddings (fp32), the padded way."""
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.pool(hidden, attention_mask)
-
-    def embed(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token id lists -> (N, D) embeddings in one forward pass: packed if possible, else padded."""
         if self.packed:
             hidden, mask = packing.forward_packed(self.transformer, id_lists)
             return self.pool(hidden, mask)
         batch = pad_ids(id_lists, self.pad_id)
-        return self(**{k: v.to(self.device) for k, v in batch.items()})
+        return self.forward_padded(**{k: v.to(self.device) for k, v in batch.items()})
+
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and mask -> (B, D) sentence embeddings, the classic padded way."""
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool(hidden, attention_mask)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, D) token states -> (B, D). Pools bf16/fp16 states in fp32: summing 100+ of them loses digits."""
@@ -158,7 +160,7 @@ class SentenceEncoder(nn.Module):
             starts = tqdm(starts, desc="encode", unit="batch")
         for start in starts:
             chunk = order[start : start + batch_size]
-            out[chunk] = self.embed([ids[i] for i in chunk]).float().cpu()
+            out[chunk] = self([ids[i] for i in chunk]).float().cpu()
         self.train(was_training)
         if normalize:
             out = F.normalize(out, p=2, dim=-1)

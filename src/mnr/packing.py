@@ -6,21 +6,24 @@ work is on padding tokens. Packing concatenates the real tokens of every text in
 is the one step that mixes tokens, and there each text must attend to itself only.
 
 We plug into transformers' attention interface rather than rewriting the model: the model runs
-its own forward, with ``position_ids`` restarting at every text and the flash-attention style
-``cu_seq_lens_q/k`` boundaries passed along as keyword arguments, and our attention function
-gathers each text's queries/keys/values into a small padded block, runs SDPA there with a key
-mask, and scatters the result back. Attention is a few percent of the FLOPs for short texts, so
-padding just that step costs little; every other layer runs unpadded.
-Calls without ``cu_seq_lens_q`` (ordinary padded batches) go to transformers' own SDPA unchanged.
+its own forward, with ``position_ids`` restarting at every text and a plan of attention blocks
+passed along as a keyword argument (transformers hands extra keyword arguments to the attention
+function). Our attention function gathers the queries/keys/values of texts of similar length into
+small padded blocks, runs SDPA there with a key mask, and scatters the result back. Attention is a
+few percent of the FLOPs for short texts, so padding just that step costs little; every other layer
+runs unpadded. Calls without the plan (ordinary padded batches) go to transformers' SDPA unchanged.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from mnr.dropout import dropout as mnr_dropout
 
 ATTENTION_NAME = "mnr_packed"
 
@@ -30,18 +33,28 @@ ATTENTION_NAME = "mnr_packed"
 PACKABLE = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}
 
 
+# The packed length is rounded up to a multiple of this with filler tokens that belong to no text.
+# Every new matrix shape makes oneDNN build (JIT) a new bf16 kernel; unrounded, nearly every batch
+# has a new length, and kernel creation ate more than the bf16 speed-up. 64 keeps the waste small
+# (< 64 tokens per forward) and the distinct shapes few.
+LENGTH_MULTIPLE = 64
+
+
 def pack(id_lists: Sequence[Sequence[int]], position_offset: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Concatenate token id lists into the inputs of one packed forward.
 
-    Returns input_ids and position_ids of shape (1, T) and the cumulative boundaries
-    ``cu_seq_lens`` (N + 1,) in the flash-attention convention: text i is tokens
-    ``cu_seq_lens[i]:cu_seq_lens[i + 1]``.
+    Returns input_ids and position_ids of shape (1, T'), T' the total length rounded up to
+    ``LENGTH_MULTIPLE``, and the cumulative boundaries ``cu_seq_lens`` (N + 1,) in the
+    flash-attention convention: text i is tokens ``cu_seq_lens[i]:cu_seq_lens[i + 1]``; tokens
+    from ``cu_seq_lens[-1]`` on are filler.
     """
     lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int32)
     cu_seq_lens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    input_ids = torch.tensor([t for ids in id_lists for t in ids], dtype=torch.long)
+    total = int(cu_seq_lens[-1])
+    filler = -total % LENGTH_MULTIPLE
+    input_ids = torch.tensor([t for ids in id_lists for t in ids] + [0] * filler, dtype=torch.long)
     starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), lengths.long())
-    position_ids = torch.arange(len(input_ids)) - starts + position_offset
+    position_ids = torch.cat([torch.arange(total) - starts, torch.zeros(filler, dtype=torch.long)]) + position_offset
     return {
         "input_ids": input_ids.unsqueeze(0).to(device),
         "position_ids": position_ids.unsqueeze(0).to(device),
@@ -50,60 +63,87 @@ def pack(id_lists: Sequence[Sequence[int]], position_offset: int, device: torch.
     }
 
 
-def padding_index(cu_seq_lens: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padding_index(cu_seq_lens: torch.Tensor, max_length: int, pad_row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each padded slot reads from in the packed sequence.
 
-    Returns ``index`` (N, L) into the packed tokens, with T (one past the end) for padding slots,
-    and ``mask`` (N, L), True at real tokens.
+    Returns ``index`` (N, L) into the packed rows, ``pad_row`` for padding slots, and ``mask``
+    (N, L), True at real tokens.
     """
     starts, lengths = cu_seq_lens[:-1].long(), (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
     offsets = torch.arange(max_length, device=cu_seq_lens.device)
     mask = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # (N, L)
-    index = torch.where(mask, starts.unsqueeze(1) + offsets, cu_seq_lens[-1].long())
+    index = torch.where(mask, starts.unsqueeze(1) + offsets, pad_row)
     return index, mask
 
 
 def unpack(packed: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, ...) packed rows -> (N, L, ...) zero-padded blocks and the (N, L) mask of real tokens."""
-    index, mask = padding_index(cu_seq_lens, max_length)
-    with_zero_row = torch.cat([packed, packed.new_zeros((1, *packed.shape[1:]))])  # row T reads as padding
+    index, mask = padding_index(cu_seq_lens, max_length, pad_row=len(packed))
+    with_zero_row = torch.cat([packed, packed.new_zeros((1, *packed.shape[1:]))])  # the last row reads as padding
     # index_select, not advanced indexing: its backward is index_add_, where advanced indexing's
     # is an accumulating index_put_ that took a fifth of a training step on CPU.
     blocks = with_zero_row.index_select(0, index.flatten())
     return blocks.view(*index.shape, *packed.shape[1:]), mask
 
 
-def repack(blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N, L, ...) blocks -> (T, ...) real rows in packed order; the inverse of ``unpack``."""
-    real = mask.flatten().nonzero().squeeze(1)
-    return blocks.reshape(-1, *blocks.shape[2:]).index_select(0, real)
+@dataclass
+class Bucket:
+    """Texts of similar length, attended to together in one block padded to the longest of them."""
+
+    start: int  # first packed row of the bucket
+    end: int  # one past its last packed row
+    gather: torch.Tensor  # (n·L,) the row (from start) each padded slot reads; padding slots read row 0
+    mask: torch.Tensor  # (n, L) True at real tokens
+    real: torch.Tensor  # (t,) which of the n·L slots are real tokens, in packed order
+
+
+def plan_buckets(cu_seq_lens: Sequence[int], device: torch.device) -> list[Bucket]:
+    """The attention blocks of a packed batch. Built once per forward and shared by every layer.
+
+    Padding one block of all N texts costs N·L_max² in attention (and in its dropout mask);
+    buckets of similar length cost about Σ L_i². Padding slots read row 0: their keys are masked
+    and their outputs dropped, so what they hold does not matter.
+    """
+    lengths = [cu_seq_lens[i + 1] - cu_seq_lens[i] for i in range(len(cu_seq_lens) - 1)]
+    buckets = []
+    for a, b in length_buckets(lengths):
+        local = torch.tensor(cu_seq_lens[a : b + 1], device=device) - cu_seq_lens[a]
+        index, mask = padding_index(local, max(lengths[a:b]), pad_row=0)
+        buckets.append(Bucket(cu_seq_lens[a], cu_seq_lens[b], index.flatten(), mask,
+                              mask.flatten().nonzero().squeeze(1)))
+    return buckets
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs):
     """Attention for transformers' interface. query/key/value: (1, H, T, d) when packed."""
-    cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if cu_seq_lens is None:  # an ordinary padded batch
+    buckets = kwargs.get("mnr_buckets")
+    if buckets is None:  # an ordinary padded batch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # (1, H, T, d) -> (T, H, d); attention runs per bucket of similar-length texts, each padded to
-    # its own longest text: padded attention costs N·L_max², bucketed about Σ L_i².
-    q_all, k_all, v_all = (x[0].transpose(0, 1) for x in (query, key, value))
-    bounds = cu_seq_lens.tolist()
+    rows = [x[0].transpose(0, 1) for x in (query, key, value)]  # (T, H, d) each
+    heads, head_dim = rows[0].shape[1:]
     outs = []
-    for a, b in length_buckets([bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]):
-        start, end = bounds[a], bounds[b]
-        local = cu_seq_lens[a : b + 1] - start
-        longest = max(bounds[i + 1] - bounds[i] for i in range(a, b))
-        # (n, L, H, d) -> (n, H, L, d)
-        q, k, v = (unpack(x[start:end], local, longest)[0].transpose(1, 2) for x in (q_all, k_all, v_all))
-        _, mask = padding_index(local, longest)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], dropout_p=dropout,
-                                             scale=scaling)  # (n, H, L, d)
-        outs.append(repack(out.transpose(1, 2), mask))  # (t, H, d): real tokens only, in packed order
-    return torch.cat(outs).unsqueeze(0), None
+    for bucket in buckets:
+        n, length = bucket.mask.shape
+        q, k, v = (x[bucket.start : bucket.end].index_select(0, bucket.gather)  # (n·L, H, d)
+                   .view(n, length, heads, head_dim).transpose(1, 2) for x in rows)  # (n, H, L, d)
+        out = _attention(q, k, v, bucket.mask[:, None, None, :], dropout, scaling)  # (n, H, L, d)
+        outs.append(out.transpose(1, 2).reshape(n * length, heads, head_dim).index_select(0, bucket.real))
+    filler = rows[0].new_zeros((len(rows[0]) - buckets[-1].end, heads, head_dim))  # rows of no text stay zero
+    return torch.cat([*outs, filler]).unsqueeze(0), None
+
+
+def _attention(q, k, v, key_mask, dropout: float, scale: float | None) -> torch.Tensor:
+    """SDPA, except when training with dropout on CPU: SDPA draws that dropout mask with torch's
+    slow per-element CPU sampler, so there we spell attention out and use ``mnr.dropout``."""
+    if dropout == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    probs = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)  # (n, H, L, L)
+    return torch.matmul(mnr_dropout(probs, dropout).to(v.dtype), v)
 
 
 def length_buckets(lengths: Sequence[int], ratio: float = 0.75) -> list[tuple[int, int]]:
@@ -164,8 +204,7 @@ def forward_packed(transformer, id_lists: Sequence[Sequence[int]]) -> tuple[torc
     batch = pack([id_lists[i] for i in order], position_offset(transformer.config), device)
     hidden = transformer(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-        cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
-        max_length_q=batch["max_length"], max_length_k=batch["max_length"],
+        mnr_buckets=plan_buckets(batch["cu_seq_lens"].tolist(), device),  # reaches packed_attention
     ).last_hidden_state  # (1, T, D)
     blocks, mask = unpack(hidden[0], batch["cu_seq_lens"], batch["max_length"])  # sorted order
     restore = torch.empty(len(order), dtype=torch.long)

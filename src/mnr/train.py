@@ -88,18 +88,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         raise ConfigError(f"--output: {output} already holds a finished run ({output / 'final'}); "
                           "choose another directory or remove it")
     s = prepare(config)
-    data, encoder, loss_fn = s.data, s.encoder, s.loss_fn
+    data, encoder = s.data, s.encoder
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)  # dropout
 
     total_steps = s.steps_per_epoch * config.epochs
     warmup_steps = math.ceil(total_steps * config.warmup_ratio)
-    # fused: one kernel per parameter instead of a dozen elementwise passes; the foreach version
-    # spent a quarter of a CPU step updating MiniLM's 12M-entry embedding matrix.
-    optimizer = torch.optim.AdamW(_param_groups([encoder, loss_fn], config.weight_decay), lr=config.lr,
-                                  fused=True)
-    labels = torch.tensor(data.labels, device=s.device) if data.labels is not None else None
+    optimizer = make_optimizer(s, config)
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.toml").write_text(config.to_toml(), encoding="utf-8")
@@ -135,26 +131,16 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * scale
 
-            # every column in one forward pass (bigger matrix products), column-major: (C·B, D) -> C x (B, D)
-            ids = [s.token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
-            with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                embeddings = encoder.embed(ids).split(len(batch))
-            loss = loss_fn(list(embeddings), labels[batch] if labels is not None else None)  # fp32, outside autocast
-            if not torch.isfinite(loss):
-                raise TrainingError(f"step {step + 1}: the loss is {loss.item()}; lower --lr or check the data "
+            loss = train_step(s, optimizer, batch, config)
+            if loss is None:
+                raise TrainingError(f"step {step + 1}: the loss is not finite; lower --lr or check the data "
                                     f"(the last good model is in {best_path or 'no saved model'})")
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             train_seconds += time.perf_counter() - t0
 
             step += 1
             rows_seen += len(batch)
-            recent_losses = (recent_losses + [loss.item()])[-50:]
-            record({"step": step, "epoch": epoch, "loss": loss.item(), "lr": config.lr * scale})
+            recent_losses = (recent_losses + [loss])[-50:]
+            record({"step": step, "epoch": epoch, "loss": loss, "lr": config.lr * scale})
             bar.set_postfix(loss=f"{sum(recent_losses) / len(recent_losses):.4f}",
                             rows_per_s=f"{rows_seen / train_seconds:.1f}", refresh=False)
             bar.update()
@@ -166,6 +152,31 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     record({"step": step, "done": True, "train_seconds": train_seconds, "rows": rows_seen})
     log_file.close()
     return TrainResult(final, best_path, best_score, train_seconds, step, rows_seen)
+
+
+def train_step(s: Setup, optimizer: torch.optim.Optimizer, batch: list[int], config: TrainConfig) -> float | None:
+    """One optimizer step on the rows ``batch``; returns the loss, or None (and no step) if it is not finite."""
+    data = s.data
+    # every column in one forward pass (bigger matrix products), column-major: (C·B, D) -> C x (B, D)
+    ids = [s.token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+    labels = torch.tensor([data.labels[i] for i in batch], device=s.device) if data.labels is not None else None
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        embeddings = s.encoder(ids).split(len(batch))
+    loss = s.loss_fn(list(embeddings), labels)  # fp32, outside autocast
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def make_optimizer(s: Setup, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused: one kernel per parameter instead of a dozen elementwise passes (the foreach
+    version spent a quarter of a CPU step updating MiniLM's 12M-entry embedding matrix)."""
+    return torch.optim.AdamW(_param_groups([s.encoder, s.loss_fn], config.weight_decay), lr=config.lr, fused=True)
 
 
 def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
