@@ -44,7 +44,7 @@ def test_train_writes_final_best_log_and_config(tiny_model_dir, nli_file, sts_fi
     assert main(train_args(tiny_model_dir, [nli_file], output, "--sts-dev", str(sts_file), "--eval-steps", "2",
                            "--epochs", "2")) == 0
     assert "final model:" in capsys.readouterr().out
-    assert {p.name for p in output.iterdir()} == {"final", "best", "log.jsonl", "config.toml"}
+    assert {p.name for p in output.iterdir()} == {"final", "best", "checkpoints", "log.jsonl", "config.toml"}
     log = read_log(output)
     losses = [e["loss"] for e in log if "loss" in e]
     evals = [e["step"] for e in log if "sts_dev" in e]

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": _train, "eval": _eval, "encode": _encode}[args.command](args)
     except MnrError as e:
         print(f"mnr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"mnr {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -96,12 +96,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mnr import distributed
     from mnr.config import TrainConfig
     from mnr.train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig.from_sources(args.config, **flags)
-    result = train(config)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet launched: let torchrun start the processes
+        distributed.launch(config.nproc, sys.argv[1:])
+    distributed.init_from_environment()
+    rank = distributed.world()[0]
+    try:
+        result = train(config)
+    finally:
+        distributed.shutdown()
+    if rank != 0:
+        return 0
     print(f"final model: {result.final}")
     if result.best is not None:
         print(f"best model:  {result.best} (STS dev Spearman {result.best_score:.2f})")

@@ -52,7 +52,10 @@ class TrainConfig:
     packing: bool = _f(True, "run the encoder on real tokens only, no padding (BERT/RoBERTa-family models; "
                              "others always pad)")
     # optimisation
-    batch_size: int = _f(32, "rows per batch; with MNR every other row's texts are negatives")
+    batch_size: int = _f(32, "rows per batch and process; with MNR every other row's texts in the batch "
+                             "(of all processes) are negatives")
+    mini_batch_size: int = _f(0, "mnr: embed the batch in chunks of this many texts with gradient caching, so a "
+                                 "batch of thousands fits in memory; same loss and gradients (0: no caching)")
     epochs: int = _f(1, "passes over the training data")
     lr: float = _f(2e-5, "peak learning rate of AdamW")
     warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up from 0 to --lr, then linear decay to 0")
@@ -65,6 +68,13 @@ class TrainConfig:
     sts_dev: str = _f("", "STS file (sentence1, sentence2, score) to evaluate on during training; best/ keeps the "
                           "best model by its Spearman")
     eval_steps: int = _f(500, "evaluate on --sts-dev every this many steps (and before and after training)")
+    # never lose work
+    save_every: int = _f(500, "write a checkpoint (model, optimizer, RNG, position) every this many steps and at "
+                              "the end (0: only when stopped by Ctrl-C/SIGTERM)")
+    keep_checkpoints: int = _f(2, "keep this many of the latest checkpoints")
+    resume: bool = _f(False, "continue the run in --output from its latest complete checkpoint (same settings)")
+    nproc: int = _f(1, "train with this many processes (torchrun, DistributedDataParallel); negatives are "
+                       "shared across all of them")
 
     def __post_init__(self):
         _check_types(self, "")
@@ -81,6 +91,10 @@ class TrainConfig:
             (self.max_seq_length >= 2, "--max-seq-length must be at least 2 (room for the special tokens)"),
             (self.max_examples >= 0, "--max-examples must be >= 0"),
             (self.eval_steps >= 1, "--eval-steps must be at least 1"),
+            (self.mini_batch_size >= 0, "--mini-batch-size must be >= 0"),
+            (self.save_every >= 0, "--save-every must be >= 0"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.nproc >= 1, "--nproc must be at least 1"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              "--device must be auto, cpu, cuda or cuda:N"),
             (not (self.loss == "softmax" and (self.hard_negatives or self.symmetric)),

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnr import distributed
+
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, D), (M, D) -> (N, M) cosine similarities."""
@@ -34,6 +36,9 @@ class MultipleNegativesRankingLoss(nn.Module):
             the two cross-entropies. Hard negatives take part only in the anchor-to-candidate
             direction, since they have no anchor of their own.
 
+    Distributed (several processes): candidates and anchors are all-gathered with gradient, so
+    each anchor is ranked against the global batch; anchor i of process r targets column r·B + i.
+
     Inputs:
         columns: [anchors (B, D), positives (B, D), negatives (B, D) ...]; labels: ignored.
 
@@ -53,13 +58,19 @@ class MultipleNegativesRankingLoss(nn.Module):
         if len(columns) < 2:
             raise ValueError(f"MNR needs anchors and positives (at least 2 columns), got {len(columns)}")
         anchors, positives = columns[0], columns[1]
-        candidates = torch.cat(columns[1:])  # (B·(1+N), D): positives first, then each negative column
-        scores = cosine_matrix(anchors, candidates) * self.scale  # (B, B·(1+N))
-        target = torch.arange(len(anchors), device=anchors.device)  # anchor i <-> candidate i
+        rank, world_size = distributed.world()
+        if world_size > 1:  # rank against the global batch: every process's positives and negatives
+            candidate_columns = [distributed.gather_with_grad(c) for c in columns[1:]]
+            all_anchors = distributed.gather_with_grad(anchors)
+        else:
+            candidate_columns, all_anchors = columns[1:], anchors
+        candidates = torch.cat(candidate_columns)  # (W·B·(1+N), D): positives of every process, then negatives
+        scores = cosine_matrix(anchors, candidates) * self.scale  # (B, W·B·(1+N))
+        # anchor i of process r <-> its positive, row r·B + i of the gathered positives
+        target = rank * len(anchors) + torch.arange(len(anchors), device=anchors.device)
         loss = F.cross_entropy(scores, target)
-        if self.symmetric:
-            # (B, B): positive j against every anchor; only the in-batch block, row j's target is j
-            backward = scores[:, : len(positives)].T
+        if self.symmetric:  # (B, W·B): each positive against every anchor of the global batch
+            backward = cosine_matrix(positives, all_anchors) * self.scale
             loss = (loss + F.cross_entropy(backward, target)) / 2
         return loss
 
