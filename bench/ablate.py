@@ -36,6 +36,21 @@ EXPERIMENTS = {
     "triplets-3ep": ("triplets, 3 epochs", {"hard_negatives": True, "epochs": 3}),
     "triplets-scale30": ("triplets, scale 30 (temperature 0.033)", {"hard_negatives": True, "scale": 30.0}),
     "triplets-scale10": ("triplets, scale 10 (temperature 0.1)", {"hard_negatives": True, "scale": 10.0}),
+    "triplets-lr3e-5": ("triplets, lr 3e-5", {"hard_negatives": True, "lr": 3e-5}),
+    "triplets-b64-lr5e-5": ("triplets, batch 64, lr 5e-5", {"hard_negatives": True, "batch_size": 64, "lr": 5e-5}),
+    "triplets-b128-lr5e-5": ("triplets, batch 128, lr 5e-5",
+                             {"hard_negatives": True, "batch_size": 128, "lr": 5e-5}),
+    "triplets-b128-lr1e-4": ("triplets, batch 128, lr 1e-4",
+                             {"hard_negatives": True, "batch_size": 128, "lr": 1e-4}),
+    "triplets-lr5e-5-2ep": ("triplets, lr 5e-5, 2 epochs", {"hard_negatives": True, "lr": 5e-5, "epochs": 2}),
+    "triplets-b256-lr1e-4": ("triplets, batch 256 (gradient caching), lr 1e-4",
+                             {"hard_negatives": True, "batch_size": 256, "mini_batch_size": 256, "lr": 1e-4}),
+    "triplets-b256-lr2e-4": ("triplets, batch 256 (gradient caching), lr 2e-4",
+                             {"hard_negatives": True, "batch_size": 256, "mini_batch_size": 256, "lr": 2e-4}),
+    "triplets-b512-lr2e-4": ("triplets, batch 512 (gradient caching), lr 2e-4",
+                             {"hard_negatives": True, "batch_size": 512, "mini_batch_size": 256, "lr": 2e-4}),
+    "triplets-b128-lr1e-4-2ep": ("triplets, batch 128, lr 1e-4, 2 epochs",
+                                 {"hard_negatives": True, "batch_size": 128, "lr": 1e-4, "epochs": 2}),
 }
 SEEDS: dict[str, list[int]] = {}
 

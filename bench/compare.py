@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 NLI_FILES = ["nli/snli_dev.jsonl.gz", "nli/snli_test.jsonl.gz", "nli/mnli_dev_matched.jsonl.gz"]
@@ -39,7 +41,10 @@ RECIPES = {
     "softmax": {"loss": "softmax"},  # SBERT's classifier on every labelled NLI pair
     "mnr-pairs": {"loss": "mnr"},  # (premise, entailment)
     "mnr-triplets": {"loss": "mnr", "hard_negatives": True},  # (premise, entailment, contradiction)
+    # each side's best NLI recipe: mnr's recipe file; for sentence-transformers, MNR on triplets
+    "best": "configs/best-nli.toml",
 }
+ST_RECIPES = {**RECIPES, "best": RECIPES["mnr-triplets"]}
 # The recipe both sides share (mnr's defaults; sentence-transformers is set to the same values).
 SHARED = {"batch_size": 32, "lr": 2e-5, "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0,
           "epochs": 1, "seed": 0, "max_seq_length": 128, "scale": 20.0}
@@ -71,13 +76,28 @@ def training_set(recipe: dict, data_dir: str, max_pairs: int):
     return data.sample(max_pairs, SHARED["seed"])
 
 
-def eval_steps_for(rows: int) -> int:
+def eval_steps_for(rows: int, batch_size: int) -> int:
     """About ten evaluations per run, for the dev-vs-step curve."""
-    return max(1, rows // SHARED["batch_size"] // 10)
+    return max(1, rows // batch_size // 10)
+
+
+def mnr_config(recipe_name: str, data_dir: str, max_pairs: int, output: Path, mnr_flags: dict):
+    """The TrainConfig of a recipe: the shared settings, or a recipe file's (which override them)."""
+    from mnr.config import TrainConfig
+
+    recipe = RECIPES[recipe_name]
+    common = {"model": BASE_MODEL, "data": NLI_FILES, "data_dir": data_dir, "output": str(output),
+              "max_examples": max_pairs, "sts_dev": "sts/stsb_dev.jsonl.gz", **mnr_flags}
+    if isinstance(recipe, str):
+        config = TrainConfig.from_sources(str(ROOT / recipe), **common)
+    else:
+        config = TrainConfig(**common, **SHARED, **recipe)
+    rows = len(training_set({"loss": config.loss, "hard_negatives": config.hard_negatives}, data_dir, max_pairs))
+    config.eval_steps = eval_steps_for(rows * config.epochs, config.batch_size)
+    return config
 
 
 def run_mnr(recipe_name: str, data_dir: str, max_pairs: int, workdir: Path, mnr_flags: dict) -> dict:
-    from mnr.config import TrainConfig
     from mnr.data import load_sts, resolve_path
     from mnr.evaluate import evaluate_sts
     from mnr.model import SentenceEncoder
@@ -86,16 +106,12 @@ def run_mnr(recipe_name: str, data_dir: str, max_pairs: int, workdir: Path, mnr_
     root = Path(data_dir)
     dev = load_sts(resolve_path("sts/stsb_dev.jsonl.gz", root))
     test = load_sts(resolve_path("sts/stsb_test.jsonl.gz", root))
-    recipe = RECIPES[recipe_name]
     out: dict = {"impl": "mnr", "recipe": recipe_name, "settings": mnr_flags}
-    if recipe is None:
-        encoder = SentenceEncoder.load(BASE_MODEL, **({"packed": mnr_flags["packing"]} if "packing" in mnr_flags
-                                                      else {}))
+    if RECIPES[recipe_name] is None:
+        encoder = SentenceEncoder.load(BASE_MODEL)
     else:
-        rows = len(training_set(recipe, data_dir, max_pairs))
-        config = TrainConfig(model=BASE_MODEL, data=NLI_FILES, data_dir=data_dir, output=str(workdir / "mnr"),
-                             max_examples=max_pairs, sts_dev="sts/stsb_dev.jsonl.gz", eval_steps=eval_steps_for(rows),
-                             **SHARED, **recipe, **mnr_flags)
+        config = mnr_config(recipe_name, data_dir, max_pairs, workdir / "mnr", mnr_flags)
+        out["config"] = config.to_toml()
         result = train(config, progress=False)
         log = [json.loads(line) for line in (workdir / "mnr" / "log.jsonl").read_text().splitlines()]
         out |= {
@@ -103,9 +119,15 @@ def run_mnr(recipe_name: str, data_dir: str, max_pairs: int, workdir: Path, mnr_
             "losses": [[e["step"], e["loss"]] for e in log if "loss" in e],
             "dev_curve": [[e["step"], e["sts_dev"]["spearman"]] for e in log if "sts_dev" in e],
         }
-        encoder = SentenceEncoder.load(str(result.final), packed=mnr_flags.get("packing", True))
+        encoder = SentenceEncoder.load(str(result.final))
     out["dev"], out["test"] = evaluate_sts(encoder, dev), evaluate_sts(encoder, test)
-    out["encode_per_s"] = time_encoding(lambda s: encoder.encode(s, batch_size=64), sts_sentences(test))
+    sentences = sts_sentences(test)
+    out["encode_per_s"] = time_encoding(lambda s: encoder.encode(s, batch_size=64), sentences)
+    out["encode_bf16_per_s"] = time_encoding(lambda s: encoder.encode(s, batch_size=64, bf16=True), sentences)
+    if RECIPES[recipe_name] is None:  # for the equality check against sentence-transformers' embeddings
+        np.save(workdir.parent / "zero-shot-mnr.npy", encoder.encode(sentences, batch_size=64, normalize=True))
+        np.save(workdir.parent / "zero-shot-mnr-bf16.npy",
+                encoder.encode(sentences, batch_size=64, normalize=True, bf16=True))
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -141,7 +163,7 @@ def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, w
 
     model = SentenceTransformer(str(_local_path(BASE_MODEL)), device="cpu")
     model.max_seq_length = SHARED["max_seq_length"]
-    recipe = RECIPES[recipe_name]
+    recipe = ST_RECIPES[recipe_name]
     out: dict = {"impl": "sentence-transformers", "recipe": recipe_name}
     if recipe is not None:
         data = training_set(recipe, data_dir, max_pairs)
@@ -173,7 +195,8 @@ def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, w
             per_device_train_batch_size=SHARED["batch_size"], learning_rate=SHARED["lr"],
             warmup_ratio=SHARED["warmup_ratio"], weight_decay=SHARED["weight_decay"],
             max_grad_norm=SHARED["max_grad_norm"], lr_scheduler_type="linear", seed=SHARED["seed"],
-            batch_sampler=sampler, eval_strategy="steps", eval_steps=eval_steps_for(len(data)), logging_steps=1,
+            batch_sampler=sampler, eval_strategy="steps", eval_steps=eval_steps_for(len(data), SHARED["batch_size"]),
+            logging_steps=1,
             save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
         )
         dev_evaluator = TimedEvaluator([e.sentence1 for e in dev], [e.sentence2 for e in dev],
@@ -193,7 +216,10 @@ def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, w
         }
     model.eval()
     out["dev"], out["test"] = score(model, dev, "dev"), score(model, test, "test")
-    out["encode_per_s"] = time_encoding(lambda s: model.encode(s, batch_size=64), sts_sentences(test))
+    sentences = sts_sentences(test)
+    out["encode_per_s"] = time_encoding(lambda s: model.encode(s, batch_size=64), sentences)
+    if recipe is None:
+        np.save(workdir.parent / "zero-shot-st.npy", model.encode(sentences, batch_size=64, normalize_embeddings=True))
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -203,7 +229,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SHARED["seed"])
-    with tempfile.TemporaryDirectory(prefix="mnr-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mnr-bench-", dir=Path(args.json).parent) as tmp:
         if args.worker == "mnr":
             result = run_mnr(args.recipe, args.data_dir, args.max_pairs, Path(tmp), json.loads(args.mnr_flags))
         else:
@@ -236,8 +262,8 @@ def ratio(a: float | None, b: float | None) -> str:
 def table(results: dict) -> str:
     lines = [
         "| recipe | examples | mnr ex/s | s-t ex/s | speed ratio | mnr test | s-t test | Δ test | mnr dev | s-t dev "
-        "| mnr enc/s | s-t enc/s | enc ratio | mnr RSS MB | s-t RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mnr enc/s | mnr bf16 enc/s | s-t enc/s | enc ratio (fp32, bf16) | mnr RSS MB | s-t RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for recipe, pair in results.items():
         m, s = pair["mnr"], pair["sentence-transformers"]
@@ -248,10 +274,23 @@ def table(results: dict) -> str:
             f"| {m['test']['spearman']:.2f} | {s['test']['spearman']:.2f} "
             f"| {m['test']['spearman'] - s['test']['spearman']:+.2f} "
             f"| {m['dev']['spearman']:.2f} | {s['dev']['spearman']:.2f} "
-            f"| {m['encode_per_s']:.0f} | {s['encode_per_s']:.0f} | {ratio(m['encode_per_s'], s['encode_per_s'])} "
+            f"| {m['encode_per_s']:.0f} | {m['encode_bf16_per_s']:.0f} | {s['encode_per_s']:.0f} "
+            f"| {ratio(m['encode_per_s'], s['encode_per_s'])}, {ratio(m['encode_bf16_per_s'], s['encode_per_s'])} "
             f"| {m['peak_rss_mb']:.0f} | {s['peak_rss_mb']:.0f} |".replace("| 0.0 |", "| |")
         )
     return "\n".join(lines)
+
+
+def embedding_equality(folder: Path) -> str:
+    """How close mnr's embeddings of the zero-shot model are to sentence-transformers' (cosine)."""
+    theirs = np.load(folder / "zero-shot-st.npy")
+    lines = []
+    for name, label in (("zero-shot-mnr.npy", "fp32"), ("zero-shot-mnr-bf16.npy", "bf16")):
+        ours = np.load(folder / name)
+        cosine = (ours * theirs).sum(axis=1)
+        lines.append(f"mnr {label}: min cosine {cosine.min():.6f}, mean {cosine.mean():.6f}")
+    return (f"Embedding equality on the {len(theirs)} STSb test sentences, zero-shot model, against "
+            f"`SentenceTransformer.encode` (fp32): " + "; ".join(lines) + ".")
 
 
 def machine() -> str:
@@ -380,8 +419,10 @@ def main() -> None:
             order = ["mnr", "sentence-transformers"] if i % 2 == 0 else ["sentence-transformers", "mnr"]
             runs = {impl: run_child(impl, recipe, args, Path(tmp) / f"{recipe}-{impl}.json") for impl in order}
             results[recipe] = {"mnr": runs["mnr"], "sentence-transformers": runs["sentence-transformers"]}
+        equality = embedding_equality(Path(tmp)) if "zero-shot" in results else ""
     summary = table(results)
     print(summary)
+    print(equality)
     if args.no_write:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -403,6 +444,8 @@ Throughput is examples per second of the training loop (dev evaluation subtracte
 mnr ÷ sentence-transformers. Encoding: the {'{'}STSb test{'}'} sentences, batch 64. RSS: the process's peak.
 
 {summary}
+
+{equality}
 
 {chr(10).join(f'![{name}](bench/results/{name})' for name in images)}
 """.replace("{STSb test}", "STSb test")

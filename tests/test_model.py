@@ -160,3 +160,10 @@ def test_tokenize_truncates_and_matches_the_tokenizer(tiny_encoder):
     ids = tiny_encoder.tokenize(texts)
     assert ids == tiny_encoder.tokenizer(texts, truncation=True, max_length=16)["input_ids"]
     assert [len(x) for x in ids] == [5, 16]
+
+
+def test_bf16_encoding_is_close_to_fp32(tiny_encoder):
+    fp32 = tiny_encoder.encode(SENTENCES, normalize=True)
+    bf16 = tiny_encoder.encode(SENTENCES, normalize=True, bf16=True)
+    assert bf16.dtype == np.float32
+    assert (fp32 * bf16).sum(axis=1).min() > 0.999

@@ -11,7 +11,8 @@ from mnr.data import STSExample
 from mnr.model import SentenceEncoder
 
 
-def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64) -> dict[str, float]:
+def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64,
+                 bf16: bool = False) -> dict[str, float]:
     """Spearman and Pearson correlation (x100) of cosine(sentence1, sentence2) with the gold scores.
 
     Spearman is the headline figure (Reimers et al. 2016, "Task-Oriented Intrinsic Evaluation of
@@ -20,7 +21,7 @@ def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch
     """
     sentences = list(dict.fromkeys(s for e in examples for s in (e.sentence1, e.sentence2)))
     index = {s: i for i, s in enumerate(sentences)}
-    embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True)
+    embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True, bf16=bf16)
     a = embeddings[[index[e.sentence1] for e in examples]]
     b = embeddings[[index[e.sentence2] for e in examples]]
     cosine = (a * b).sum(axis=1)

@@ -214,7 +214,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     def evaluate_and_keep_best(step: int) -> None:
         if s.sts_dev is None or not main:
             return
-        scores = evaluate_sts(s.encoder, s.sts_dev)
+        scores = evaluate_sts(s.encoder, s.sts_dev, bf16=config.bf16)
         _record(output, {"step": step, "sts_dev": scores})
         tqdm.write(f"step {step}: STS dev Spearman {scores['spearman']:.2f}, Pearson {scores['pearson']:.2f}")
         if position["best_score"] is None or scores["spearman"] > position["best_score"]:
@@ -245,7 +245,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                                 train_seconds=position["train_seconds"] + time.perf_counter() - t0)
                 if index + 1 == len(batches):
                     position.update(epoch=epoch + 1, batch=0)
-                step += 1
+                step = position["step"]
                 if main:
                     _record(output, {"step": step, "epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"]})
                     recent_losses = (recent_losses + [loss])[-50:]
