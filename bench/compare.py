@@ -417,7 +417,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnr-bench-") as tmp:
         for i, recipe in enumerate(args.recipes):
             order = ["mnr", "sentence-transformers"] if i % 2 == 0 else ["sentence-transformers", "mnr"]
-            runs = {impl: run_child(impl, recipe, args, Path(tmp) / f"{recipe}-{impl}.json") for impl in order}
+            runs = {}
+            for impl in order:
+                # sentence-transformers' "best" is its MNR-triplets recipe: reuse that run, don't repeat it
+                same = [r for r in results if impl == "sentence-transformers" and ST_RECIPES[r] == ST_RECIPES[recipe]]
+                if same:
+                    runs[impl] = {**results[same[0]][impl], "recipe": recipe, "same_run_as": same[0]}
+                else:
+                    runs[impl] = run_child(impl, recipe, args, Path(tmp) / f"{recipe}-{impl}.json")
             results[recipe] = {"mnr": runs["mnr"], "sentence-transformers": runs["sentence-transformers"]}
         equality = embedding_equality(Path(tmp)) if "zero-shot" in results else ""
     summary = table(results)
@@ -441,7 +448,10 @@ MNR scale {SHARED['scale']}; duplicate-free batches for MNR on both sides. Data:
 dev-matched{f', a seeded sample of {args.max_pairs} examples' if args.max_pairs else ''}. mnr settings beyond
 its defaults: `{args.mnr_flags}`. s-t = sentence-transformers' `SentenceTransformerTrainer`.
 Throughput is examples per second of the training loop (dev evaluation subtracted); the speed ratio is
-mnr ÷ sentence-transformers. Encoding: the {'{'}STSb test{'}'} sentences, batch 64. RSS: the process's peak.
+mnr ÷ sentence-transformers. The best row sets each side's best NLI recipe against the other: mnr's
+`configs/best-nli.toml` (its own batch size and learning rate, so its speed ratio is not like for like), and
+sentence-transformers' MNR on triplets (the same run as its mnr-triplets row).
+Encoding: the {'{'}STSb test{'}'} sentences, batch 64. RSS: the process's peak.
 
 {summary}
 

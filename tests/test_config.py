@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
 
 def test_there_are_shipped_configs():
-    assert {p.name for p in CONFIGS} >= {"nli-bert-base.toml", "nli-minilm-cpu.toml"}
+    assert {p.name for p in CONFIGS} >= {"best-nli.toml", "nli-bert-base.toml", "nli-minilm-cpu.toml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,222 @@
+"""Prototypes of recipe ideas that are not (yet) options of mnr, measured like bench/ablate.py.
+
+    python bench/explore.py gte                  # one prototype, seed 0
+    python bench/explore.py --all                # every prototype not yet in bench/results/explore.json
+
+Each prototype patches mnr in this process only (the loss, the rows, or the model after loading)
+and trains one epoch of (premise, entailment, contradiction) triplets from the packaged
+all-MiniLM-L6-v2, bf16, batch 32, lr 5e-5 unless it says otherwise; its comparison row in the
+ablation table is "triplets-lr5e-5" (same settings, no patch). An idea that wins on STSb dev
+becomes a real, tested option; one that does not stays here, reported in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import NLI_FILES, ROOT, write_section  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "explore.json"
+
+PROTOTYPES = {
+    "gte": ("GTE's joint contrastive loss: one softmax over query->doc, query->query, doc->query and "
+            "doc->doc scores (Li et al. 2023)", {}),
+    "gte-b128": ("the same, batch 128", {"batch_size": 128}),
+    "gte-b128-lr1e-4": ("the same, batch 128, lr 1e-4", {"batch_size": 128, "lr": 1e-4}),
+    "neutral-negative": ("the premise's neutral hypothesis as a second hard negative (premises with all "
+                         "three labels: 7,695 rows)", {}),
+    "cosent": ("MNR + CoSENT over every labelled pair of the batch: entailment > neutral > contradiction "
+               "(Su 2022; 7,695 rows)", {}),
+    "no-dropout": ("dropout off (deterministic encoder in training)", {}),
+    "frozen-word-embeddings": ("word embeddings frozen (fewer updated parameters; 30% faster)", {}),
+}
+
+
+def quad_rows(records) -> list[tuple[str, str, str, str]]:
+    """(premise, entailment, contradiction, neutral) for premises that have all three labels."""
+    by_premise: dict[str, tuple[list, list, list]] = {}
+    for r in records:
+        e, c, n = by_premise.setdefault(r.premise, ([], [], []))
+        (e if r.label == 0 else c if r.label == 2 else n).append(r.hypothesis)
+    return [(p, pos, c[i % len(c)], n[i % len(n)])
+            for p, (e, c, n) in by_premise.items() if c and n for i, pos in enumerate(e)]
+
+
+def install(name: str) -> None:
+    """Patch mnr for prototype ``name`` (this process only)."""
+    import torch
+    import torch.nn.functional as F
+
+    import mnr.data
+    import mnr.train
+    from mnr.losses import MultipleNegativesRankingLoss, cosine_matrix
+
+    plain_forward = MultipleNegativesRankingLoss.forward
+
+    if name in ("neutral-negative", "cosent"):
+        mnr.data.nli_triplets = quad_rows
+        load = mnr.data.load_training_set
+        mnr.train.load_training_set = lambda *a, **k: dataclasses.replace(
+            load(*a, **k), columns=("anchor", "positive", "negative", "neutral"))
+
+    def forward(self, columns, labels=None):
+        anchors, positives = columns[0], columns[1]
+        if name.startswith("gte"):
+            candidates = torch.cat(columns[1:])
+            b = len(anchors)
+            own = torch.eye(b, dtype=torch.bool)
+            qd = cosine_matrix(anchors, candidates)
+            qq = cosine_matrix(anchors, anchors).masked_fill(own, float("-inf"))
+            dq = cosine_matrix(positives, anchors)
+            dd = cosine_matrix(positives, candidates).masked_fill(own.repeat(1, len(columns) - 1), float("-inf"))
+            scores = torch.cat([qd, qq, dq, dd], 1) * self.scale
+            return (torch.logsumexp(scores, 1) - qd.diagonal() * self.scale).mean()
+        if name == "cosent":
+            contradictions, neutrals = columns[2], columns[3]
+            loss = plain_forward(self, columns[:3], labels)
+            cos = torch.cat([F.cosine_similarity(anchors, x) for x in (positives, neutrals, contradictions)])
+            grade = torch.arange(3, 0, -1).repeat_interleave(len(anchors)).float()
+            wrong_way = ((cos[None, :] - cos[:, None]) * 20.0)[grade[:, None] > grade[None, :]]
+            return loss + torch.logsumexp(torch.cat([torch.zeros(1), wrong_way]), 0)
+        return plain_forward(self, columns, labels)
+
+    MultipleNegativesRankingLoss.forward = forward
+
+    if name in ("no-dropout", "frozen-word-embeddings"):
+        prepare = mnr.train.prepare
+
+        def patched_prepare(config):
+            setup = prepare(config)
+            transformer = setup.encoder.transformer
+            if name == "no-dropout":
+                for module in transformer.modules():  # attention reads its rate from its Dropout's p
+                    if isinstance(module, torch.nn.Dropout):
+                        module.p = 0.0
+            else:
+                transformer.embeddings.word_embeddings.weight.requires_grad_(False)
+            return setup
+
+        mnr.train.prepare = patched_prepare
+
+
+def run(name: str, seed: int, data_dir: str) -> dict:
+    install(name)
+    from mnr.config import TrainConfig
+    from mnr.data import load_sts, resolve_path
+    from mnr.evaluate import evaluate_sts
+    from mnr.model import SentenceEncoder
+    from mnr.train import train
+
+    settings = {"hard_negatives": True, "bf16": True, "lr": 5e-5, "eval_steps": 100_000, "save_every": 0,
+                **PROTOTYPES[name][1]}
+    root = Path(data_dir)
+    with tempfile.TemporaryDirectory(prefix="mnr-explore-") as tmp:
+        config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output=f"{tmp}/run", seed=seed, **settings)
+        result = train(config, progress=False)
+        encoder = SentenceEncoder.load(str(result.final))
+        dev = evaluate_sts(encoder, load_sts(resolve_path("sts/stsb_dev.jsonl.gz", root)))
+        test = evaluate_sts(encoder, load_sts(resolve_path("sts/stsb_test.jsonl.gz", root)))
+    return {"name": name, "seed": seed, "settings": settings, "rows": result.rows, "dev": dev["spearman"],
+            "test": test["spearman"], "train_seconds": result.train_seconds}
+
+
+def false_negatives(data_dir: str, batch_size: int = 32) -> str:
+    """How often, in the batches of the triplet recipe, the base model scores a candidate above the
+    anchor's own positive, and which candidates those are: the ones a guide-model filter
+    (GISTEmbed-style) would mask as suspected false negatives."""
+    import torch
+
+    from mnr.batching import epoch_batches
+    from mnr.data import load_training_set, resolve_path
+    from mnr.model import SentenceEncoder
+
+    data = load_training_set([resolve_path(f, Path(data_dir)) for f in NLI_FILES], hard_negatives=True)
+    texts = list(dict.fromkeys(t for row in data.rows for t in row))
+    embeddings = torch.from_numpy(SentenceEncoder.load("sentence-transformers/all-MiniLM-L6-v2").encode(
+        texts, batch_size=128, normalize=True))
+    index = {t: i for i, t in enumerate(texts)}
+    counts = {"rows": 0, "flagged": 0, "own": 0, "positives": 0, "contradictions": 0}
+    for batch in epoch_batches(data, batch_size, 0, 0):
+        a, p, n = (embeddings[[index[data.rows[i][c]] for i in batch]] for c in range(3))
+        scores = a @ torch.cat([p, n]).T  # (B, 2B)
+        b = len(batch)
+        above = scores > scores.diagonal()[:b, None]
+        counts["rows"] += b
+        counts["flagged"] += int(above.any(1).sum())
+        own = above[torch.arange(b), b + torch.arange(b)]
+        counts["own"] += int(own.sum())
+        counts["positives"] += int(above[:, :b].sum())
+        counts["contradictions"] += int(above[:, b:].sum() - own.sum())
+    return ("Base model, triplet batches of {batch} (seed 0): {flagged:,} of {rows:,} rows have a candidate scored "
+            "above their positive. Of the candidates above a positive, {own:,} are the row's own contradiction, "
+            "{positives:,} another row's positive, {contradictions:,} another row's contradiction."
+            ).format(batch=batch_size, **counts)
+
+
+def write_table(results: dict) -> None:
+    lines = ["| prototype | what changes | seeds | rows | STSb dev | STSb test | training time (s) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for name, (what, _) in PROTOTYPES.items():
+        for r in (r for r in results.values() if r["name"] == name):
+            mark = "*" if "measured_with" in r else ""
+            lines.append(f"| {name}{mark} | {what} | {r['seed']} | {r['rows']:,} | {r['dev']:.2f} | {r['test']:.2f} "
+                         f"| {r['train_seconds']:.0f} |")
+    body = f"""## Prototypes that did not make it (quality)
+
+Command: `python bench/explore.py --all` (results in `bench/results/explore.json`). Each prototype
+patches mnr for one run: triplets, batch 32, lr 5e-5, 1 epoch, bf16, unless it says otherwise; the
+row to compare with is "triplets-lr5e-5" above (dev 87.47, test 84.10), or "triplets-b128-lr5e-5"
+for batch 128. None beat the chosen recipe on STSb dev, so none became an option. Rows marked * were
+measured with an earlier scratch copy of the same patch, before this script was committed.
+
+{chr(10).join(lines)}
+"""
+    write_section(ROOT / "BENCHMARKS.md", "bench/explore.py", body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"one of: {', '.join(PROTOTYPES)}")
+    parser.add_argument("--all", action="store_true", help="every prototype not yet measured, each in a child")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", action="store_true", help="only rewrite BENCHMARKS.md from saved results")
+    parser.add_argument("--false-negatives", action="store_true", help="count suspected in-batch false negatives")
+    parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.false_negatives:
+        print(false_negatives(args.data_dir))
+        return
+    if args.table:
+        write_table(results)
+        return
+    if args.all:  # patches are per process: one child per prototype
+        import subprocess
+
+        for name in PROTOTYPES:
+            if f"{name}@{args.seed}" not in results:
+                subprocess.run([sys.executable, __file__, name, "--seed", str(args.seed), "--data-dir", args.data_dir],
+                               check=True)
+        write_table(json.loads(RESULTS.read_text()))
+        return
+    if len(args.names) != 1 or args.names[0] not in PROTOTYPES:
+        parser.error(f"give one prototype (patches do not combine) of: {', '.join(PROTOTYPES)}; or --all")
+    name = args.names[0]
+    result = run(name, args.seed, args.data_dir)
+    print(f"{name}@{args.seed}: dev {result['dev']:.2f}  test {result['test']:.2f}  {result['train_seconds']:.0f} s")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[f"{name}@{args.seed}"] = result
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
