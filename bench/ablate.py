@@ -26,7 +26,7 @@ from compare import NLI_FILES, ROOT, machine, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ablation.json"
 BASE = {"bf16": True, "eval_steps": 100_000}  # bf16: same STSb as fp32 here (see the speed section), 1.3x faster
-# name -> (what changes, why, settings on top of BASE). Seeds: 0 unless listed in SEEDS.
+# name -> (what changes, settings on top of BASE). Seeds: 0 unless listed in SEEDS.
 EXPERIMENTS = {
     "pairs": ("(premise, entailment) pairs, the defaults", {}),
     "pairs-fp32": ("the defaults in fp32 (the slower configuration; the others run bf16)", {"bf16": False}),

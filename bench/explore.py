@@ -212,7 +212,6 @@ def main() -> None:
     name = args.names[0]
     result = run(name, args.seed, args.data_dir)
     print(f"{name}@{args.seed}: dev {result['dev']:.2f}  test {result['test']:.2f}  {result['train_seconds']:.0f} s")
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[f"{name}@{args.seed}"] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))

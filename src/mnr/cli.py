@@ -28,7 +28,7 @@ examples:
   # continue a run that was stopped (Ctrl-C, SIGTERM, a crash): the same command plus --resume
   mnr train --config configs/nli-minilm-cpu.toml --output runs/demo --lr 3e-5 --resume
 
-  # a batch of 1024 in the memory of 64 texts, on 2 processes sharing their negatives
+  # a global batch of 1024 (512 per process, encoded 64 texts at a time), 2 processes sharing their negatives
   mnr train --config configs/nli-minilm-cpu.toml --output runs/big --batch-size 512 --mini-batch-size 64 --nproc 2
 """
 
