@@ -2,6 +2,10 @@
 
     python bench/explore.py gte                  # one prototype, seed 0
     python bench/explore.py --all                # every prototype not yet in bench/results/explore.json
+    python bench/explore.py --weight-averaging   # WiSE-FT and seed soups of configs/best-nli.toml
+
+The *-mpnet prototypes need all-mpnet-base-v2: MNR_GUIDE_MODEL=DIR names a local copy (the hub
+name is tried otherwise); its embeddings of the NLI texts are computed once and cached.
 
 Each prototype patches mnr in this process only (the loss, the rows, or the model after loading)
 and trains one epoch of (premise, entailment, contradiction) triplets from the packaged
@@ -31,10 +35,16 @@ PROTOTYPES = {
             "doc->doc scores (Li et al. 2023)", {}),
     "gte-b128": ("the same, batch 128", {"batch_size": 128}),
     "gte-b128-lr1e-4": ("the same, batch 128, lr 1e-4", {"batch_size": 128, "lr": 1e-4}),
-    "neutral-negative": ("the premise's neutral hypothesis as a second hard negative (premises with all "
-                         "three labels: 7,695 rows)", {}),
     "cosent": ("MNR + CoSENT over every labelled pair of the batch: entailment > neutral > contradiction "
                "(Su 2022; 7,695 rows)", {}),
+    "neutral-negative-b128": ("the premise's neutral hypothesis as a second hard negative (premises with all "
+                              "three labels: 7,695 rows); batch 128", {"batch_size": 128}),
+    "hypothesis-anchors-b128": ("every triplet also turned around: (entailment, premise, contradiction), twice the "
+                                "rows; batch 128", {"batch_size": 128}),
+    "distill-mpnet-b128": ("MNR + KL divergence to all-mpnet-base-v2's in-batch score distribution (same scale); "
+                           "batch 128", {"batch_size": 128}),
+    "guide-mpnet-b128": ("GISTEmbed-style: other rows' candidates that all-mpnet-base-v2 scores above the "
+                         "positive are masked (own contradiction kept); batch 128", {"batch_size": 128}),
     "no-dropout": ("dropout off (deterministic encoder in training)", {}),
     "frozen-word-embeddings": ("word embeddings frozen (fewer updated parameters; 30% faster)", {}),
 }
@@ -61,14 +71,41 @@ def install(name: str) -> None:
 
     plain_forward = MultipleNegativesRankingLoss.forward
 
-    if name in ("neutral-negative", "cosent"):
+    if name.startswith(("neutral-negative", "cosent")):
         mnr.data.nli_triplets = quad_rows
         load = mnr.data.load_training_set
         mnr.train.load_training_set = lambda *a, **k: dataclasses.replace(
             load(*a, **k), columns=("anchor", "positive", "negative", "neutral"))
 
+    if name.startswith("hypothesis-anchors"):
+        triplets = mnr.data.nli_triplets
+        mnr.data.nli_triplets = lambda records: [t for p, e, c in triplets(records) for t in ((p, e, c), (e, p, c))]
+
+    guide = None  # the guide model's embeddings of the current batch's columns
+    if name.startswith(("distill-mpnet", "guide-mpnet")):
+        index, table = guide_embeddings()
+        plain_step = mnr.train.forward_backward
+
+        def forward_backward(s, batch, config):
+            nonlocal guide
+            guide = [table[[index[s.data.rows[i][c]] for i in batch]] for c in range(len(s.data.columns))]
+            return plain_step(s, batch, config)
+
+        mnr.train.forward_backward = forward_backward
+
     def forward(self, columns, labels=None):
         anchors, positives = columns[0], columns[1]
+        if name.startswith(("distill-mpnet", "guide-mpnet")):
+            b = len(anchors)
+            scores = cosine_matrix(anchors, torch.cat(columns[1:])) * self.scale
+            teacher = (guide[0] @ torch.cat(guide[1:]).T) * self.scale
+            target = torch.arange(b)
+            if name.startswith("guide"):
+                above = teacher > teacher.diagonal()[:, None]
+                above[target, b + target] = False  # the row's own contradiction is a labelled negative: keep it
+                return F.cross_entropy(scores.masked_fill(above, float("-inf")), target)
+            kl = F.kl_div(F.log_softmax(scores, 1), F.log_softmax(teacher, 1), log_target=True, reduction="batchmean")
+            return F.cross_entropy(scores, target) + kl
         if name.startswith("gte"):
             candidates = torch.cat(columns[1:])
             b = len(anchors)
@@ -105,6 +142,28 @@ def install(name: str) -> None:
             return setup
 
         mnr.train.prepare = patched_prepare
+
+
+GUIDE = os.environ.get("MNR_GUIDE_MODEL", "sentence-transformers/all-mpnet-base-v2")
+
+
+def guide_embeddings():
+    """The guide model's normalised embedding of every NLI text, computed once and cached (mpnet
+    takes about six minutes for the 39K texts on two CPU cores)."""
+    import torch
+
+    from mnr.data import load_nli, resolve_path
+    from mnr.model import SentenceEncoder
+
+    cache = Path(tempfile.gettempdir()) / f"mnr-explore-guide-{Path(GUIDE).name}.pt"
+    if not cache.exists():
+        data_dir = os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+        texts = sorted({t for f in NLI_FILES for r in load_nli(resolve_path(f, Path(data_dir)))
+                        for t in (r.premise, r.hypothesis)})
+        embeddings = SentenceEncoder.load(GUIDE).encode(texts, batch_size=128, normalize=True, bf16=True)
+        torch.save({"texts": texts, "embeddings": torch.from_numpy(embeddings).float()}, cache)
+    saved = torch.load(cache)
+    return {t: i for i, t in enumerate(saved["texts"])}, saved["embeddings"]
 
 
 def run(name: str, seed: int, data_dir: str) -> dict:
@@ -161,21 +220,66 @@ def false_negatives(data_dir: str, batch_size: int = 32) -> str:
             ).format(batch=batch_size, **counts)
 
 
+def weight_averaging(data_dir: str, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
+    """Two ways of averaging weights, measured on the chosen recipe (configs/best-nli.toml):
+    WiSE-FT (Wortsman et al. 2022), the fine-tuned weights interpolated with the base model's, which
+    often keeps more of what the base model knew; and a uniform soup of the runs of several seeds."""
+    import subprocess
+
+    from mnr.data import load_sts, resolve_path
+    from mnr.evaluate import evaluate_sts
+    from mnr.model import SentenceEncoder
+
+    root = Path(data_dir)
+    dev, test = (load_sts(resolve_path(f"sts/stsb_{split}.jsonl.gz", root)) for split in ("dev", "test"))
+    lines = ["| weights | STSb dev | STSb test |", "|---|---:|---:|"]
+    with tempfile.TemporaryDirectory(prefix="mnr-explore-") as tmp:
+        for seed in seeds:
+            subprocess.run([sys.executable, "-m", "mnr", "train", "--config", str(ROOT / "configs" / "best-nli.toml"),
+                            "--data-dir", data_dir, "--output", f"{tmp}/{seed}", "--seed", str(seed),
+                            "--eval-steps", "100000", "--save-every", "0"], check=True)
+        encoder = SentenceEncoder.load(f"{tmp}/{seeds[0]}/final")
+        runs = [SentenceEncoder.load(f"{tmp}/{seed}/final").state_dict() for seed in seeds]
+        base = SentenceEncoder.load("sentence-transformers/all-MiniLM-L6-v2").state_dict()
+
+        def score(label: str, weights: dict) -> None:
+            encoder.load_state_dict(weights)
+            lines.append(f"| {label} | {evaluate_sts(encoder, dev)['spearman']:.2f} "
+                         f"| {evaluate_sts(encoder, test)['spearman']:.2f} |")
+
+        def mix(states: list[dict], factors: list[float]) -> dict:
+            return {k: sum(f * s[k] for f, s in zip(factors, states, strict=True)) if v.is_floating_point() else v
+                    for k, v in states[0].items()}
+
+        for alpha in (1.0, 0.9, 0.7, 0.5, 1.2, 1.4):
+            score(f"seed {seeds[0]}: {alpha} x fine-tuned + {1 - alpha:.1f} x base",
+                  mix([runs[0], base], [alpha, 1 - alpha]))
+        for seed, state in zip(seeds[1:], runs[1:], strict=True):
+            score(f"seed {seed} alone", state)
+        score(f"soup of seeds {', '.join(map(str, seeds))}", mix(runs, [1 / len(runs)] * len(runs)))
+    return "\n".join(lines)
+
+
 def write_table(results: dict) -> None:
-    lines = ["| prototype | what changes | seeds | rows | STSb dev | STSb test | training time (s) |",
+    lines = ["| prototype | what changes | seeds | rows | STSb dev (mean) | STSb test (mean) | training time (s) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for name, (what, _) in PROTOTYPES.items():
-        for r in (r for r in results.values() if r["name"] == name):
-            mark = "*" if "measured_with" in r else ""
-            lines.append(f"| {name}{mark} | {what} | {r['seed']} | {r['rows']:,} | {r['dev']:.2f} | {r['test']:.2f} "
-                         f"| {r['train_seconds']:.0f} |")
+        runs = [r for r in results.values() if r["name"] == name]
+        if not runs:
+            continue
+        mark = "*" if any("measured_with" in r for r in runs) else ""
+        dev, test, seconds = (sum(r[key] for r in runs) / len(runs) for key in ("dev", "test", "train_seconds"))
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {name}{mark} | {what} | {seeds} | {runs[0]['rows']:,} | {dev:.2f} | {test:.2f} "
+                     f"| {seconds:.0f} |")
     body = f"""## Prototypes that did not make it (quality)
 
 Command: `python bench/explore.py --all` (results in `bench/results/explore.json`). Each prototype
 patches mnr for one run: triplets, batch 32, lr 5e-5, 1 epoch, bf16, unless it says otherwise; the
 row to compare with is "triplets-lr5e-5" above (dev 87.47, test 84.10), or "triplets-b128-lr5e-5"
-for batch 128. None beat the chosen recipe on STSb dev, so none became an option. Rows marked * were
-measured with an earlier scratch copy of the same patch, before this script was committed.
+for batch 128 (the chosen recipe). None beat the chosen recipe on STSb dev, so none became an option.
+Rows marked * were measured with an earlier scratch copy of the same patch, before this script was
+committed. The *-mpnet rows use all-mpnet-base-v2 (STSb dev 88.11, test 83.42 zero-shot) as a guide.
 
 {chr(10).join(lines)}
 """
@@ -189,11 +293,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table", action="store_true", help="only rewrite BENCHMARKS.md from saved results")
     parser.add_argument("--false-negatives", action="store_true", help="count suspected in-batch false negatives")
+    parser.add_argument("--weight-averaging", action="store_true",
+                        help="WiSE-FT interpolation and seed soups of configs/best-nli.toml (3 trainings)")
     parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if args.false_negatives:
         print(false_negatives(args.data_dir))
+        return
+    if args.weight_averaging:
+        print(weight_averaging(args.data_dir))
         return
     if args.table:
         write_table(results)
