@@ -26,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import seed_means  # noqa: E402
 from compare import NLI_FILES, ROOT, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "explore.json"
@@ -60,7 +61,7 @@ def quad_rows(records) -> list[tuple[str, str, str, str]]:
             for p, (e, c, n) in by_premise.items() if c and n for i, pos in enumerate(e)]
 
 
-def install(name: str) -> None:
+def install(name: str, data_dir: str) -> None:
     """Patch mnr for prototype ``name`` (this process only)."""
     import torch
     import torch.nn.functional as F
@@ -83,7 +84,7 @@ def install(name: str) -> None:
 
     guide = None  # the guide model's embeddings of the current batch's columns
     if name.startswith(("distill-mpnet", "guide-mpnet")):
-        index, table = guide_embeddings()
+        index, table = guide_embeddings(data_dir)
         plain_step = mnr.train.forward_backward
 
         def forward_backward(s, batch, config):
@@ -147,17 +148,20 @@ def install(name: str) -> None:
 GUIDE = os.environ.get("MNR_GUIDE_MODEL", "sentence-transformers/all-mpnet-base-v2")
 
 
-def guide_embeddings():
+def guide_embeddings(data_dir: str):
     """The guide model's normalised embedding of every NLI text, computed once and cached (mpnet
-    takes about six minutes for the 39K texts on two CPU cores)."""
+    takes about six minutes for the 39K texts on two CPU cores). The cache is keyed by the guide
+    as given, so two different models in directories of the same name do not share it."""
+    import hashlib
+
     import torch
 
     from mnr.data import load_nli, resolve_path
     from mnr.model import SentenceEncoder
 
-    cache = Path(tempfile.gettempdir()) / f"mnr-explore-guide-{Path(GUIDE).name}.pt"
+    key = hashlib.sha256(f"{GUIDE}\n{Path(data_dir).resolve()}".encode()).hexdigest()[:12]
+    cache = Path(tempfile.gettempdir()) / f"mnr-explore-guide-{Path(GUIDE).name}-{key}.pt"
     if not cache.exists():
-        data_dir = os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data"))
         texts = sorted({t for f in NLI_FILES for r in load_nli(resolve_path(f, Path(data_dir)))
                         for t in (r.premise, r.hypothesis)})
         embeddings = SentenceEncoder.load(GUIDE).encode(texts, batch_size=128, normalize=True, bf16=True)
@@ -167,7 +171,7 @@ def guide_embeddings():
 
 
 def run(name: str, seed: int, data_dir: str) -> dict:
-    install(name)
+    install(name, data_dir)
     from mnr.config import TrainConfig
     from mnr.data import load_sts, resolve_path
     from mnr.evaluate import evaluate_sts
@@ -252,7 +256,8 @@ def weight_averaging(data_dir: str, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
                     for k, v in states[0].items()}
 
         for alpha in (1.0, 0.9, 0.7, 0.5, 1.2, 1.4):
-            score(f"seed {seeds[0]}: {alpha} x fine-tuned + {1 - alpha:.1f} x base",
+            sign = "+" if alpha <= 1 else "-"
+            score(f"seed {seeds[0]}: {alpha} x fine-tuned {sign} {abs(1 - alpha):.1f} x base",
                   mix([runs[0], base], [alpha, 1 - alpha]))
         for seed, state in zip(seeds[1:], runs[1:], strict=True):
             score(f"seed {seed} alone", state)
@@ -264,14 +269,11 @@ def write_table(results: dict) -> None:
     lines = ["| prototype | what changes | seeds | rows | STSb dev (mean) | STSb test (mean) | training time (s) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for name, (what, _) in PROTOTYPES.items():
-        runs = [r for r in results.values() if r["name"] == name]
-        if not runs:
+        if not (m := seed_means(results, name)):
             continue
-        mark = "*" if any("measured_with" in r for r in runs) else ""
-        dev, test, seconds = (sum(r[key] for r in runs) / len(runs) for key in ("dev", "test", "train_seconds"))
-        seeds = ", ".join(str(r["seed"]) for r in runs)
-        lines.append(f"| {name}{mark} | {what} | {seeds} | {runs[0]['rows']:,} | {dev:.2f} | {test:.2f} "
-                     f"| {seconds:.0f} |")
+        mark = "*" if any("measured_with" in r for r in m["runs"]) else ""
+        lines.append(f"| {name}{mark} | {what} | {m['seeds']} | {m['runs'][0]['rows']:,} | {m['dev']:.2f} "
+                     f"| {m['test']:.2f} | {m['train_seconds']:.0f} |")
     body = f"""## Prototypes that did not make it (quality)
 
 Command: `python bench/explore.py --all` (results in `bench/results/explore.json`). Each prototype
