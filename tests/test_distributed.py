@@ -17,22 +17,27 @@ from mnr.train import forward_backward, prepare
 from .conftest import SENTENCES
 
 WORKER = """
-import json, sys, torch
+import json, os, sys, torch
 from mnr import distributed
 from mnr.config import TrainConfig
 from mnr.train import forward_backward, prepare
 
-distributed.init_from_environment()
-config = TrainConfig(**json.loads(sys.argv[1]))
-s = prepare(config)
-rank, world_size = distributed.world()
-assert world_size == 2
-k = config.batch_size
-loss = forward_backward(s, list(range(rank * k, (rank + 1) * k)), config)  # rank r holds rows r*k .. r*k+k-1
+
+def one_step(config):  # like train(): the setup, DistributedDataParallel wrapper included, is local
+    s = prepare(config)
+    rank, world_size = distributed.world()
+    assert world_size == 2
+    k = config.batch_size
+    loss = forward_backward(s, list(range(rank * k, (rank + 1) * k)), config)  # rank r holds rows r*k .. r*k+k-1
+    return rank, loss, {n: p.grad for n, p in s.encoder.named_parameters() if p.grad is not None}
+
+
+with distributed.process_group():
+    rank, loss, grads = one_step(TrainConfig(**json.loads(sys.argv[1])))
+# the group is gone, and with it gloo's threads: nothing of it is left to be torn down at interpreter exit
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 if rank == 0:
-    torch.save({"loss": loss, "grads": {n: p.grad for n, p in s.encoder.named_parameters() if p.grad is not None}},
-               sys.argv[2])
-distributed.shutdown()
+    torch.save({"loss": loss, "grads": grads, "gloo_threads": [t for t in threads if "gloo" in t]}, sys.argv[2])
 """
 
 
@@ -78,7 +83,9 @@ def test_two_processes_equal_one(no_dropout_model, nli_file, triplets, tmp_path,
 
     result = torchrun([json.dumps({**common, "batch_size": k}), str(tmp_path / "rank0.pt")], tmp_path, WORKER)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate" not in result.stderr, result.stderr[-3000:]
     distributed = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert distributed["gloo_threads"] == [], "the process group outlived shutdown()"
 
     config = TrainConfig(**{**common, "batch_size": 2 * k})
     s = prepare(config)
@@ -100,8 +107,53 @@ def test_mnr_train_nproc_2(tiny_model_dir, nli_file, tmp_path):
                              "--data", str(nli_file), "--output", str(output), "--batch-size", "2",
                              "--max-seq-length", "32"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate" not in result.stderr and "SIGABRT" not in result.stderr, result.stderr[-3000:]
     assert result.stdout.count("final model:") == 1
     steps = [json.loads(line)["step"] for line in (output / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3]  # 12 rows, global batch 2 x 2
     assert SentenceEncoder.load(str(output / "final")).encode(["a test"]).shape == (1, 32)
+
+
+CLI_WORKER = """
+import os, signal, sys, json
+import mnr.train as t
+from mnr.cli import main
+
+if os.environ.get("STOP_AT_STEP"):  # rank 0 gets SIGTERM during that step: every process must stop after it
+    step, calls = int(os.environ["STOP_AT_STEP"]), []
+    real = t.train_step
+    def train_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step and os.environ["RANK"] == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    t.train_step = train_step
+code = main(sys.argv[2:])
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:
+    json.dump({"code": code, "gloo_threads": [t for t in threads if "gloo" in t]}, f)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["to-the-end", "stopped-by-SIGTERM"])
+def test_the_cli_leaves_the_process_group_cleanly(tiny_model_dir, nli_file, tmp_path, stop):
+    """What `mnr train --nproc 2` runs in each process: after training, or after a coordinated stop,
+    the group is destroyed and gloo's threads have ended before the interpreter exits."""
+    output = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(nli_file), "--output", str(output),
+            "--batch-size", "2", "--max-seq-length", "32"]
+    if stop:
+        os.environ["STOP_AT_STEP"] = "2"
+    try:
+        result = torchrun([str(tmp_path / "state"), *args], tmp_path, CLI_WORKER)
+    finally:
+        os.environ.pop("STOP_AT_STEP", None)
+    assert "terminate" not in result.stderr, result.stderr[-3000:]
+    states = [json.loads((tmp_path / f"state.{rank}").read_text()) for rank in (0, 1)]
+    assert [s["code"] for s in states] == ([143, 143] if stop else [0, 0]), result.stderr[-3000:]
+    assert [s["gloo_threads"] for s in states] == [[], []], "the process group outlived shutdown()"
+    if stop:
+        assert "stopped by SIGTERM at step 2 of 3" in result.stderr
+        assert (output / "checkpoints" / "step-00000002").is_dir()

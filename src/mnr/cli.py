@@ -108,18 +108,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     from mnr import distributed
     from mnr.config import TrainConfig
-    from mnr.train import train
+    from mnr.train import Stopped, train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig.from_sources(args.config, **flags)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet launched: let torchrun start the processes
         distributed.launch(config.nproc, sys.argv[1:])
-    distributed.init_from_environment()
-    rank = distributed.world()[0]
-    try:
+    with distributed.process_group(clean_exits=(Stopped,)):  # every process stops at the same step
+        rank = distributed.world()[0]
         result = train(config)
-    finally:
-        distributed.shutdown()
     if rank != 0:
         return 0
     print(f"final model: {result.final}")

@@ -8,8 +8,12 @@ averaged by DistributedDataParallel. Rank 0 alone evaluates, logs and saves.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,13 @@ def init_from_environment() -> torch.device | None:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    # DistributedDataParallel imports torch._dynamo. Imported *after* the group exists, dynamo keeps
+    # references to it that destroy_process_group cannot drop, so the group's C++ object and its
+    # gloo threads outlive shutdown() and are torn down during interpreter exit, where a worker
+    # could die of SIGABRT ("terminate called without an active exception") after its work was
+    # done. Imported first, it holds nothing, and shutdown() really ends the group.
+    import torch._dynamo  # noqa: F401
+
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -40,8 +51,42 @@ def init_from_environment() -> torch.device | None:
 
 
 def shutdown() -> None:
+    """Leave the process group once every process has finished.
+
+    The barrier makes each process wait until all have reached the end: none closes its
+    connections while another still runs a collective (a last all-reduce, the checkpoint's
+    gather), and no queued work is left on gloo's threads. Then the group is destroyed, which
+    joins those threads while the interpreter is fully alive; for that, nothing may still hold the
+    group, and a DistributedDataParallel wrapper does (its reducer): the caller drops its
+    wrappers first, and a collection frees those held only by reference cycles.
+
+    Call it on a normal end or a coordinated stop only: after an error on one process the others
+    may be inside a collective that the barrier would pair with; there, exit without it and let
+    torchrun stop the rest.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(clean_exits: tuple[type[BaseException], ...] = ()) -> Iterator[torch.device | None]:
+    """``init_from_environment()`` ... ``shutdown()`` around a block (no-op outside torchrun).
+
+    The group is shut down when the block ends normally or raises one of ``clean_exits``
+    (exceptions every process raises at the same step, such as a stop on SIGTERM; the frames the
+    exception passed through are cleared first, so the wrappers they held are freed); any other
+    exception leaves it as it is (see ``shutdown``).
+    """
+    device = init_from_environment()
+    try:
+        yield device
+    except clean_exits as e:
+        traceback.clear_frames(e.__traceback__)
+        shutdown()
+        raise
+    shutdown()
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,13 +98,6 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(tensor))
-
-
-def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, D) on each of W processes -> (W·B, D), rank order, no gradient."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
 
 
 def mean(value: torch.Tensor) -> torch.Tensor:
