@@ -25,9 +25,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
+# A finished demo starts afresh; a stopped one (Ctrl-C, SIGTERM, a timeout) continues from its checkpoint.
 demo: install
-	rm -rf runs/demo
-	$(BIN)/mnr train --config configs/nli-minilm-cpu.toml --output runs/demo
+	@if [ -d runs/demo/final ]; then rm -rf runs/demo; fi
+	@if [ -f runs/demo/config.toml ]; then echo "continuing the stopped demo run in runs/demo"; fi
+	$(BIN)/mnr train --config configs/nli-minilm-cpu.toml --output runs/demo $$([ -f runs/demo/config.toml ] && echo --resume) \
+		|| { code=$$?; [ $$code -ne 130 ] && [ $$code -ne 143 ] || echo "make demo: stopped; run make demo again to continue"; exit $$code; }
 	$(BIN)/mnr eval sentence-transformers/all-MiniLM-L6-v2 runs/demo/final --sts sts/stsb_dev.jsonl.gz sts/stsb_test.jsonl.gz
 
 lint: install

@@ -70,9 +70,11 @@ def time_encoding(encode, sentences: list[str]) -> float:
 
 def training_set(recipe: dict, data_dir: str, max_pairs: int):
     from mnr.data import load_training_set, resolve_path
+    from mnr.losses import LOSSES
 
     specs = [resolve_path(f, Path(data_dir)) for f in NLI_FILES]
-    data = load_training_set(specs, objective=recipe["loss"], hard_negatives=recipe.get("hard_negatives", False))
+    data = load_training_set(specs, wants=LOSSES[recipe["loss"]].input,
+                             hard_negatives=recipe.get("hard_negatives", False))
     return data.sample(max_pairs, SHARED["seed"])
 
 
@@ -145,7 +147,7 @@ def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, w
     from transformers import PrinterCallback
 
     from mnr.data import load_sts, resolve_path
-    from mnr.model import _local_path
+    from mnr.model import resolve_model_path
 
     root = Path(data_dir)
     dev = load_sts(resolve_path("sts/stsb_dev.jsonl.gz", root))
@@ -161,7 +163,7 @@ def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, w
         return {"spearman": 100 * metrics[f"{name}_spearman_cosine"],
                 "pearson": 100 * metrics[f"{name}_pearson_cosine"]}
 
-    model = SentenceTransformer(str(_local_path(BASE_MODEL)), device="cpu")
+    model = SentenceTransformer(str(resolve_model_path(BASE_MODEL)), device="cpu")
     model.max_seq_length = SHARED["max_seq_length"]
     recipe = ST_RECIPES[recipe_name]
     out: dict = {"impl": "sentence-transformers", "recipe": recipe_name}
@@ -299,16 +301,10 @@ def machine() -> str:
     import transformers
 
     import mnr
+    from mnr.card import hardware
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, "
+    cpu = hardware(torch.device("cpu")).removesuffix(" (CPU)")
+    return (f"{cpu}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}, "
             f"mnr {mnr.__version__}")
 

@@ -7,8 +7,9 @@
 The *-mpnet prototypes need all-mpnet-base-v2: MNR_GUIDE_MODEL=DIR names a local copy (the hub
 name is tried otherwise); its embeddings of the NLI texts are computed once and cached.
 
-Each prototype patches mnr in this process only (the loss, the rows, or the model after loading)
-and trains one epoch of (premise, entailment, contradiction) triplets from the packaged
+Each prototype adds one piece through mnr's public interfaces (a loss class registered in
+mnr.losses.LOSSES, rows given to train(data=...), or a model changed after loading and given to
+train(encoder=...)) and trains one epoch of (premise, entailment, contradiction) triplets from the packaged
 all-MiniLM-L6-v2, bf16, batch 32, lr 5e-5 unless it says otherwise; its comparison row in the
 ablation table is "triplets-lr5e-5" (same settings, no patch). An idea that wins on STSb dev
 becomes a real, tested option; one that does not stays here, reported in BENCHMARKS.md.
@@ -26,8 +27,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from ablate import seed_means  # noqa: E402
 from compare import NLI_FILES, ROOT, write_section  # noqa: E402
+
+from mnr.config import TrainConfig  # noqa: E402
+from mnr.data import RANKING, TrainingSet, load_nli, load_sts, load_training_set, resolve_path  # noqa: E402
+from mnr.evaluate import evaluate_sts  # noqa: E402
+from mnr.losses import LOSSES, MultipleNegativesRankingLoss, cosine_matrix  # noqa: E402
+from mnr.model import SentenceEncoder  # noqa: E402
+from mnr.train import train  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "explore.json"
 
@@ -61,88 +71,128 @@ def quad_rows(records) -> list[tuple[str, str, str, str]]:
             for p, (e, c, n) in by_premise.items() if c and n for i, pos in enumerate(e)]
 
 
-def install(name: str, data_dir: str) -> None:
-    """Patch mnr for prototype ``name`` (this process only)."""
-    import torch
-    import torch.nn.functional as F
+# ---------------------------------------------------------------- the pieces a prototype adds
+#
+# Each is an extension through mnr's public interfaces: a loss class registered in
+# mnr.losses.LOSSES, a TrainingSet built here and given to train(data=...), or an encoder changed
+# after loading and given to train(encoder=...). Nothing in the package is patched.
 
-    import mnr.data
-    import mnr.train
-    from mnr.losses import MultipleNegativesRankingLoss, cosine_matrix
 
-    plain_forward = MultipleNegativesRankingLoss.forward
+class GTELoss(torch.nn.Module):
+    """GTE's joint contrastive loss (Li et al. 2023): one softmax per anchor over query->doc,
+    query->query, doc->query and doc->doc scores, the anchor's own positive the target."""
 
-    if name.startswith(("neutral-negative", "cosent")):
-        mnr.data.nli_triplets = quad_rows
-        load = mnr.data.load_training_set
-        mnr.train.load_training_set = lambda *a, **k: dataclasses.replace(
-            load(*a, **k), columns=("anchor", "positive", "negative", "neutral"))
+    input, in_batch_negatives, cacheable, settings = RANKING, True, True, ("scale",)
 
-    if name.startswith("hypothesis-anchors"):
-        triplets = mnr.data.nli_triplets
-        mnr.data.nli_triplets = lambda records: [t for p, e, c in triplets(records) for t in ((p, e, c), (e, p, c))]
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
 
-    guide = None  # the guide model's embeddings of the current batch's columns
-    if name.startswith(("distill-mpnet", "guide-mpnet")):
-        index, table = guide_embeddings(data_dir)
-        plain_step = mnr.train.forward_backward
-
-        def forward_backward(s, batch, config):
-            nonlocal guide
-            guide = [table[[index[s.data.rows[i][c]] for i in batch]] for c in range(len(s.data.columns))]
-            return plain_step(s, batch, config)
-
-        mnr.train.forward_backward = forward_backward
+    @classmethod
+    def from_config(cls, config, dim, processes):
+        return cls(config.scale)
 
     def forward(self, columns, labels=None):
         anchors, positives = columns[0], columns[1]
-        if name.startswith(("distill-mpnet", "guide-mpnet")):
+        candidates = torch.cat(columns[1:])
+        b = len(anchors)
+        own = torch.eye(b, dtype=torch.bool)
+        qd = cosine_matrix(anchors, candidates)
+        qq = cosine_matrix(anchors, anchors).masked_fill(own, float("-inf"))
+        dq = cosine_matrix(positives, anchors)
+        dd = cosine_matrix(positives, candidates).masked_fill(own.repeat(1, len(columns) - 1), float("-inf"))
+        scores = torch.cat([qd, qq, dq, dd], 1) * self.scale
+        return (torch.logsumexp(scores, 1) - qd.diagonal() * self.scale).mean()
+
+
+class CoSENTLoss(MultipleNegativesRankingLoss):
+    """MNR on (anchor, positive, contradiction) plus CoSENT (Su 2022) over every labelled pair of the
+    batch: cos(entailment) > cos(neutral) > cos(contradiction). Rows: (premise, entailment,
+    contradiction, neutral)."""
+
+    settings = ("scale",)
+
+    @classmethod
+    def from_config(cls, config, dim, processes):
+        return cls(scale=config.scale)
+
+    def forward(self, columns, labels=None):
+        anchors, positives, contradictions, neutrals = columns
+        loss = super().forward(columns[:3], labels)
+        cos = torch.cat([F.cosine_similarity(anchors, x) for x in (positives, neutrals, contradictions)])
+        grade = torch.arange(3, 0, -1).repeat_interleave(len(anchors)).float()
+        wrong_way = ((cos[None, :] - cos[:, None]) * 20.0)[grade[:, None] > grade[None, :]]
+        return loss + torch.logsumexp(torch.cat([torch.zeros(1), wrong_way]), 0)
+
+
+def guided_loss(distill: bool, table: torch.Tensor, row_texts: torch.Tensor) -> type:
+    """MNR guided by another model's embeddings ``table`` (texts, D) of each row's texts (``row_texts``,
+    (rows, C) indices into the table); the rows' labels are their own indices, so the loss finds them.
+
+    distill: MNR + KL divergence to the guide's in-batch score distribution (same scale). Otherwise
+    GISTEmbed-style: other rows' candidates the guide scores above the positive are masked; the row's
+    own contradiction, a labelled negative, is kept.
+    """
+
+    class GuidedMNR(MultipleNegativesRankingLoss):
+        settings = ("scale",)
+
+        @classmethod
+        def from_config(cls, config, dim, processes):
+            return cls(scale=config.scale)
+
+        def forward(self, columns, labels=None):
+            anchors = columns[0]
+            guide = table[row_texts[labels.cpu()]].unbind(1)  # C x (B, D)
             b = len(anchors)
             scores = cosine_matrix(anchors, torch.cat(columns[1:])) * self.scale
             teacher = (guide[0] @ torch.cat(guide[1:]).T) * self.scale
             target = torch.arange(b)
-            if name.startswith("guide"):
+            if not distill:
                 above = teacher > teacher.diagonal()[:, None]
-                above[target, b + target] = False  # the row's own contradiction is a labelled negative: keep it
+                above[target, b + target] = False
                 return F.cross_entropy(scores.masked_fill(above, float("-inf")), target)
             kl = F.kl_div(F.log_softmax(scores, 1), F.log_softmax(teacher, 1), log_target=True, reduction="batchmean")
             return F.cross_entropy(scores, target) + kl
-        if name.startswith("gte"):
-            candidates = torch.cat(columns[1:])
-            b = len(anchors)
-            own = torch.eye(b, dtype=torch.bool)
-            qd = cosine_matrix(anchors, candidates)
-            qq = cosine_matrix(anchors, anchors).masked_fill(own, float("-inf"))
-            dq = cosine_matrix(positives, anchors)
-            dd = cosine_matrix(positives, candidates).masked_fill(own.repeat(1, len(columns) - 1), float("-inf"))
-            scores = torch.cat([qd, qq, dq, dd], 1) * self.scale
-            return (torch.logsumexp(scores, 1) - qd.diagonal() * self.scale).mean()
+
+    return GuidedMNR
+
+
+def prototype(name: str, config: TrainConfig) -> dict:
+    """The loss name, training set and encoder of prototype ``name`` (None: what the config names)."""
+    root = Path(config.data_dir)
+    specs = [resolve_path(f, root) for f in NLI_FILES]
+    triplets = load_training_set(specs, hard_negatives=True)
+    per_file = [load_nli(spec) for spec in specs]
+    out: dict = {"loss": "mnr", "data": None, "encoder": None}
+    if name.startswith("gte"):
+        LOSSES["gte"] = GTELoss
+        out["loss"] = "gte"
+    if name.startswith(("neutral-negative", "cosent")):
+        rows = [row for records in per_file for row in quad_rows(records)]  # premises are grouped file by file
+        out["data"] = TrainingSet(("anchor", "positive", "negative", "neutral"), rows, {"NLI quads": len(rows)})
         if name == "cosent":
-            contradictions, neutrals = columns[2], columns[3]
-            loss = plain_forward(self, columns[:3], labels)
-            cos = torch.cat([F.cosine_similarity(anchors, x) for x in (positives, neutrals, contradictions)])
-            grade = torch.arange(3, 0, -1).repeat_interleave(len(anchors)).float()
-            wrong_way = ((cos[None, :] - cos[:, None]) * 20.0)[grade[:, None] > grade[None, :]]
-            return loss + torch.logsumexp(torch.cat([torch.zeros(1), wrong_way]), 0)
-        return plain_forward(self, columns, labels)
-
-    MultipleNegativesRankingLoss.forward = forward
-
+            LOSSES["cosent"] = CoSENTLoss
+            out["loss"] = "cosent"
+    if name.startswith("hypothesis-anchors"):
+        rows = [t for p, e, c in triplets.rows for t in ((p, e, c), (e, p, c))]
+        out["data"] = TrainingSet(triplets.columns, rows, {"NLI triplets, both ways": len(rows)})
+    if name.startswith(("distill-mpnet", "guide-mpnet")):
+        index, table = guide_embeddings(config.data_dir)
+        row_texts = torch.tensor([[index[t] for t in row] for row in triplets.rows])
+        LOSSES["guided"] = guided_loss(name.startswith("distill"), table, row_texts)
+        out["loss"] = "guided"
+        out["data"] = dataclasses.replace(triplets, labels=list(range(len(triplets))))
     if name in ("no-dropout", "frozen-word-embeddings"):
-        prepare = mnr.train.prepare
-
-        def patched_prepare(config):
-            setup = prepare(config)
-            transformer = setup.encoder.transformer
-            if name == "no-dropout":
-                for module in transformer.modules():  # attention reads its rate from its Dropout's p
-                    if isinstance(module, torch.nn.Dropout):
-                        module.p = 0.0
-            else:
-                transformer.embeddings.word_embeddings.weight.requires_grad_(False)
-            return setup
-
-        mnr.train.prepare = patched_prepare
+        encoder = SentenceEncoder.load(config.model, max_seq_length=config.max_seq_length, packed=config.packing)
+        if name == "no-dropout":
+            for module in encoder.transformer.modules():  # attention reads its rate from its Dropout's p
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        else:
+            encoder.transformer.embeddings.word_embeddings.weight.requires_grad_(False)
+        out["encoder"] = encoder
+    return out
 
 
 GUIDE = os.environ.get("MNR_GUIDE_MODEL", "sentence-transformers/all-mpnet-base-v2")
@@ -153,11 +203,6 @@ def guide_embeddings(data_dir: str):
     takes about six minutes for the 39K texts on two CPU cores). The cache is keyed by the guide
     as given, so two different models in directories of the same name do not share it."""
     import hashlib
-
-    import torch
-
-    from mnr.data import load_nli, resolve_path
-    from mnr.model import SentenceEncoder
 
     key = hashlib.sha256(f"{GUIDE}\n{Path(data_dir).resolve()}".encode()).hexdigest()[:12]
     cache = Path(tempfile.gettempdir()) / f"mnr-explore-guide-{Path(GUIDE).name}-{key}.pt"
@@ -170,36 +215,30 @@ def guide_embeddings(data_dir: str):
     return {t: i for i, t in enumerate(saved["texts"])}, saved["embeddings"]
 
 
-def run(name: str, seed: int, data_dir: str) -> dict:
-    install(name, data_dir)
-    from mnr.config import TrainConfig
-    from mnr.data import load_sts, resolve_path
-    from mnr.evaluate import evaluate_sts
-    from mnr.model import SentenceEncoder
-    from mnr.train import train
-
+def run(name: str, seed: int, data_dir: str, max_examples: int = 0) -> dict:
     settings = {"hard_negatives": True, "bf16": True, "lr": 5e-5, "eval_steps": 100_000, "save_every": 0,
                 **PROTOTYPES[name][1]}
     root = Path(data_dir)
     with tempfile.TemporaryDirectory(prefix="mnr-explore-") as tmp:
-        config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output=f"{tmp}/run", seed=seed, **settings)
-        result = train(config, progress=False)
+        config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output=f"{tmp}/run", seed=seed,
+                             max_examples=max_examples, **settings)
+        parts = prototype(name, config)
+        config = dataclasses.replace(config, loss=parts["loss"])
+        result = train(config, data=parts["data"], encoder=parts["encoder"], progress=False)
+        losses = [json.loads(line)["loss"] for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
         encoder = SentenceEncoder.load(str(result.final))
         dev = evaluate_sts(encoder, load_sts(resolve_path("sts/stsb_dev.jsonl.gz", root)))
         test = evaluate_sts(encoder, load_sts(resolve_path("sts/stsb_test.jsonl.gz", root)))
     return {"name": name, "seed": seed, "settings": settings, "rows": result.rows, "dev": dev["spearman"],
-            "test": test["spearman"], "train_seconds": result.train_seconds}
+            "test": test["spearman"], "train_seconds": result.train_seconds, "first_losses": losses[:5]}
 
 
 def false_negatives(data_dir: str, batch_size: int = 32) -> str:
     """How often, in the batches of the triplet recipe, the base model scores a candidate above the
     anchor's own positive, and which candidates those are: the ones a guide-model filter
     (GISTEmbed-style) would mask as suspected false negatives."""
-    import torch
-
     from mnr.batching import epoch_batches
-    from mnr.data import load_training_set, resolve_path
-    from mnr.model import SentenceEncoder
 
     data = load_training_set([resolve_path(f, Path(data_dir)) for f in NLI_FILES], hard_negatives=True)
     texts = list(dict.fromkeys(t for row in data.rows for t in row))
@@ -229,10 +268,6 @@ def weight_averaging(data_dir: str, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
     WiSE-FT (Wortsman et al. 2022), the fine-tuned weights interpolated with the base model's, which
     often keeps more of what the base model knew; and a uniform soup of the runs of several seeds."""
     import subprocess
-
-    from mnr.data import load_sts, resolve_path
-    from mnr.evaluate import evaluate_sts
-    from mnr.model import SentenceEncoder
 
     root = Path(data_dir)
     dev, test = (load_sts(resolve_path(f"sts/stsb_{split}.jsonl.gz", root)) for split in ("dev", "test"))
@@ -298,6 +333,8 @@ def main() -> None:
     parser.add_argument("--weight-averaging", action="store_true",
                         help="WiSE-FT interpolation and seed soups of configs/best-nli.toml (3 trainings)")
     parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--max-examples", type=int, default=0,
+                        help="a quick check on a seeded sample of the rows: prints, saves nothing")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if args.false_negatives:
@@ -309,7 +346,7 @@ def main() -> None:
     if args.table:
         write_table(results)
         return
-    if args.all:  # patches are per process: one child per prototype
+    if args.all:  # each prototype in a child: registered losses and loaded models stay apart
         import subprocess
 
         for name in PROTOTYPES:
@@ -319,10 +356,13 @@ def main() -> None:
         write_table(json.loads(RESULTS.read_text()))
         return
     if len(args.names) != 1 or args.names[0] not in PROTOTYPES:
-        parser.error(f"give one prototype (patches do not combine) of: {', '.join(PROTOTYPES)}; or --all")
+        parser.error(f"give one prototype (they do not combine) of: {', '.join(PROTOTYPES)}; or --all")
     name = args.names[0]
-    result = run(name, args.seed, args.data_dir)
-    print(f"{name}@{args.seed}: dev {result['dev']:.2f}  test {result['test']:.2f}  {result['train_seconds']:.0f} s")
+    result = run(name, args.seed, args.data_dir, args.max_examples)
+    print(f"{name}@{args.seed}: dev {result['dev']:.2f}  test {result['test']:.2f}  {result['train_seconds']:.0f} s; "
+          f"first losses {result['first_losses']}")
+    if args.max_examples:
+        return
     results[f"{name}@{args.seed}"] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))

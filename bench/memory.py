@@ -46,7 +46,7 @@ def worker(settings: dict, steps: int, data_dir: str) -> dict:
     config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output="unused", bf16=True, **settings)
     s = prepare(config)
     optimizer = make_optimizer(s, config)
-    s.model.train()
+    s.train_encoder.train()
     batches = batches_of_epoch(s.data, config, 0)
     for batch in batches[:2]:
         train_step(s, optimizer, batch, config)

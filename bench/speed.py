@@ -32,11 +32,11 @@ from mnr import dropout as mnr_dropout  # noqa: E402
 from mnr import packing  # noqa: E402
 from mnr.batching import epoch_batches  # noqa: E402
 from mnr.config import TrainConfig  # noqa: E402
-from mnr.train import _param_groups, make_optimizer, prepare, train_step  # noqa: E402
+from mnr.train import make_optimizer, param_groups, prepare, train_step  # noqa: E402
 
 
 def unfused_adamw(s, config):
-    return torch.optim.AdamW(_param_groups([s.encoder, s.loss_fn], config.weight_decay), lr=config.lr)
+    return torch.optim.AdamW(param_groups([s.encoder, s.objective], config.weight_decay), lr=config.lr)
 
 
 def torch_dropout(x, p, training=True):
@@ -46,12 +46,12 @@ def torch_dropout(x, p, training=True):
 # name -> (TrainConfig overrides, patches that switch later optimisations off). Cumulative: each row
 # adds one optimisation to the row above.
 LADDER = [
-    ("padded batches (all columns in one forward)", {"packing": False},
+    ("padded batches (all columns in one forward)", {"packing": False, "bf16": False},
      {"fused": False, "fast_dropout": False}),
-    ("+ packed: no padding outside attention, one attention block", {},
+    ("+ packed: no padding outside attention, one attention block", {"bf16": False},
      {"fused": False, "fast_dropout": False, "buckets": False, "multiple": 1}),
-    ("+ attention in length buckets", {}, {"fused": False, "fast_dropout": False, "multiple": 1}),
-    ("+ fused AdamW", {}, {"fast_dropout": False, "multiple": 1}),
+    ("+ attention in length buckets", {"bf16": False}, {"fused": False, "fast_dropout": False, "multiple": 1}),
+    ("+ fused AdamW", {"bf16": False}, {"fast_dropout": False, "multiple": 1}),
     ("+ bf16 autocast", {"bf16": True}, {"fast_dropout": False, "multiple": 1}),
     ("+ packed length rounded to 64 (oneDNN kernel reuse)", {"bf16": True}, {"fast_dropout": False}),
     ("+ cheap CPU dropout masks", {"bf16": True}, {}),

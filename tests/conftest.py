@@ -66,6 +66,17 @@ def tiny_model_dir(tmp_path_factory, packaged_model) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def no_dropout_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with dropout off, so a training step can be recomputed outside the loop."""
+    from mnr.model import SentenceEncoder
+
+    encoder = SentenceEncoder.load(str(tiny_model_dir))
+    encoder.transformer.config.hidden_dropout_prob = 0.0  # saved in config.json: loading builds no dropout
+    encoder.transformer.config.attention_probs_dropout_prob = 0.0
+    return encoder.save(tmp_path_factory.mktemp("models") / "no-dropout")
+
+
 @pytest.fixture
 def tiny_encoder(tiny_model_dir):
     from mnr.model import SentenceEncoder

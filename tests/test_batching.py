@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from mnr.batching import duplicate_free_batches, epoch_batches, pad_ids
+from mnr.batching import duplicate_free_batches, epoch_batches
 from mnr.data import TrainingSet
 from mnr.errors import DataError
 
@@ -53,9 +53,3 @@ def test_fewer_rows_than_one_batch():
     data = TrainingSet(("anchor", "positive"), [("a", "b"), ("c", "d")], ["tiny.jsonl"])
     with pytest.raises(DataError, match="tiny.jsonl: not enough distinct texts for one batch of 32"):
         epoch_batches(data, 32, seed=0, epoch=0)
-
-
-def test_pad_to_longest_in_batch():
-    batch = pad_ids([[101, 7, 102], [101, 102]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
 
-from mnr.cache import cached_backward, rng_state, set_rng_state
+from mnr.cache import embed_without_graph, replay_with_gradients, rng_state, set_rng_state
 from mnr.losses import MultipleNegativesRankingLoss
 from mnr.model import SentenceEncoder
 
@@ -46,9 +47,11 @@ def test_cached_equals_plain_with_dropout(tiny_model_dir, columns, symmetric, mi
     after_plain = rng_state(CPU)
 
     set_rng_state(start, CPU)
-    cached = cached_backward(encoder, loss_fn, ids, 8, None, mini_batch, contextlib.nullcontext, CPU,
-                             lambda loss: bool(torch.isfinite(loss)))
-    torch.testing.assert_close(cached, plain.detach(), atol=1e-5, rtol=1e-5)
+    embeddings, replay = embed_without_graph(encoder, ids, mini_batch, contextlib.nullcontext, CPU)
+    cached = loss_fn(list(embeddings.split(8)))
+    cached.backward()
+    replay_with_gradients(encoder, replay, embeddings.grad, contextlib.nullcontext)
+    torch.testing.assert_close(cached.detach(), plain.detach(), atol=1e-5, rtol=1e-5)
     got = grads(encoder)
     assert got.keys() == expected.keys()
     for name in expected:
@@ -56,13 +59,24 @@ def test_cached_equals_plain_with_dropout(tiny_model_dir, columns, symmetric, mi
     assert torch.equal(rng_state(CPU)[0], after_plain[0]), "the RNG should end where one pass leaves it"
 
 
-def test_a_non_finite_loss_is_reported_before_any_gradient(tiny_model_dir):
-    encoder = SentenceEncoder.load(str(tiny_model_dir))
-    ids = batch_ids(encoder, 2)
-    result = cached_backward(encoder, lambda cols, labels: cols[0].sum() * float("nan"), ids, 8, None, 4,
-                             contextlib.nullcontext, CPU, lambda loss: bool(torch.isfinite(loss)))
-    assert result is None
-    assert all(p.grad is None for p in encoder.parameters())
+@pytest.mark.parametrize("mini_batch_size", [0, 4], ids=["plain", "cached"])
+def test_a_step_with_a_non_finite_loss_changes_no_weight(tiny_model_dir, nli_file, mini_batch_size, monkeypatch):
+    """The optimizer skips the step (on the device, without waiting for it) and the loss it returns says why."""
+    from mnr.config import TrainConfig
+    from mnr.train import make_optimizer, prepare, train_step
+
+    config = TrainConfig(model=str(tiny_model_dir), data=[str(nli_file)], output="unused", batch_size=4,
+                         mini_batch_size=mini_batch_size, lr=1e-3)
+    s = prepare(config)
+    optimizer = make_optimizer(s, config)
+    before = {n: p.detach().clone() for n, p in s.encoder.named_parameters()}
+    monkeypatch.setattr(type(s.objective), "forward", lambda self, columns, labels=None: columns[0].sum() * math.nan)
+    loss = train_step(s, optimizer, [0, 1, 2, 3], config)
+    assert not torch.isfinite(loss)
+    for name, param in s.encoder.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed"
+    assert all(state["step"].item() == 0 for state in optimizer.state.values()), "the skipped step was counted"
+    assert all(p.grad is None for p in s.encoder.parameters())
 
 
 def test_training_with_a_mini_batch_matches_training_without(tiny_model_dir, nli_file, tmp_path):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mnr import checkpoint
 from mnr.cli import main
+from mnr.rundir import RunDir
 
 from .conftest import SENTENCES, write_jsonl
 
@@ -132,7 +132,7 @@ def test_signals_stop_after_the_step_with_a_checkpoint(tiny_model_dir, pairs, tm
     assert process.returncode == code, err[-2000:]
     stopped_at = int(err.split("at step ")[1].split()[0])
     assert f"stopped by {sig.name} at step {stopped_at} of 30; checkpoint" in err and "--resume" in err
-    path = checkpoint.directory(output) / f"step-{stopped_at:08d}"
+    path = RunDir(output).checkpoints / f"step-{stopped_at:08d}"
     assert torch.load(path / "checkpoint.pt", weights_only=False)["state"]["step"] == stopped_at
     resumed = run_to_end(SLOW, args(tiny_model_dir, pairs, output, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -143,8 +143,8 @@ def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_model_dir, pairs, t
     output = tmp_path / "torn"
     died = run_to_end(DIE_WHILE_WRITING, args(tiny_model_dir, pairs, output))
     assert died.returncode == -signal.SIGKILL
-    assert [p.name for p in checkpoint.directory(output).iterdir() if p.name.startswith(".")], "no torn write left"
-    assert checkpoint.latest_complete(output, quiet=True).name == "step-00000003"  # the first one
+    assert [p.name for p in RunDir(output).checkpoints.iterdir() if p.name.startswith(".")], "no torn write left"
+    assert RunDir(output).latest_checkpoint(quiet=True).name == "step-00000003"  # the first one
     resumed = run_to_end(SLOW, args(tiny_model_dir, pairs, output, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "ignoring a half-written checkpoint .step-00000006.tmp-" in resumed.stderr
@@ -168,7 +168,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_model
     assert main(args(tiny_model_dir, pairs, output)) == 2
     err = capsys.readouterr().err
     assert "step 5: the loss is not finite" in err and "step-00000003" in err
-    saved = torch.load(checkpoint.directory(output) / "step-00000003" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(RunDir(output).checkpoints / "step-00000003" / "checkpoint.pt", weights_only=False)
     assert saved["state"]["step"] == 3 and all(torch.isfinite(t).all() for t in saved["encoder"].values())
 
 
@@ -187,8 +187,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tiny_model_dir, pa
     err = capsys.readouterr().err
     assert "cannot write checkpoint" in err and "step-00000006: No space left on device" in err
     assert "the previous checkpoint" in err and "step-00000003 is intact" in err
-    assert [p.name for p in checkpoint.directory(output).iterdir()] == ["step-00000003"]
-    assert torch.load(checkpoint.directory(output) / "step-00000003" / "checkpoint.pt",
+    assert [p.name for p in RunDir(output).checkpoints.iterdir()] == ["step-00000003"]
+    assert torch.load(RunDir(output).checkpoints / "step-00000003" / "checkpoint.pt",
                       weights_only=False)["state"]["step"] == 3
 
 
@@ -223,7 +223,7 @@ def test_resume_needs_a_run_and_restarts_one_killed_before_its_first_checkpoint(
     wait_for_step(output, 1, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert checkpoint.latest_complete(output, quiet=True) is None
+    assert RunDir(output).latest_checkpoint(quiet=True) is None
     resumed = run_to_end(SLOW, args(tiny_model_dir, pairs, output, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "has no complete checkpoint yet; starting from the beginning" in resumed.stderr
@@ -233,4 +233,4 @@ def test_resume_needs_a_run_and_restarts_one_killed_before_its_first_checkpoint(
 def test_only_the_latest_checkpoints_are_kept(tiny_model_dir, pairs, tmp_path):
     output = tmp_path / "run"
     assert main(args(tiny_model_dir, pairs, output, "--keep-checkpoints", "2")) == 0
-    assert sorted(p.name for p in checkpoint.directory(output).iterdir()) == ["step-00000027", "step-00000030"]
+    assert sorted(p.name for p in RunDir(output).checkpoints.iterdir()) == ["step-00000027", "step-00000030"]

@@ -57,7 +57,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("warmup_ratio = 1.5", r"--warmup-ratio must be between 0 and 1"),
     ('data = "one.jsonl"', r"--data must be a list of text"),
     ("bf16 = 1", r"--bf16 must be true or false, got 1"),
-    ('loss = "triplet"', r"--loss must be mnr or softmax, got 'triplet'"),
+    ('loss = "triplet"', r"--loss must be one of mnr, softmax, got 'triplet'"),
     ("[optim]\nlr = 1", r"\[optim\] tables are not used"),
     ("lr = ", r"c.toml: malformed TOML"),
 ])
@@ -76,7 +76,25 @@ def test_missing_config_file():
 def test_bad_flag_values():
     with pytest.raises(ConfigError, match="--epochs must be at least 1, got 0"):
         TrainConfig(epochs=0)
-    with pytest.raises(ConfigError, match="--hard-negatives and --symmetric apply to --loss mnr only"):
+    with pytest.raises(ConfigError, match="--hard-negatives adds negatives to ranking rows; --loss softmax"):
         TrainConfig(loss="softmax", hard_negatives=True)
+    with pytest.raises(ConfigError, match="--symmetric applies to --loss mnr only, got --loss softmax"):
+        TrainConfig(loss="softmax", symmetric=True)
+    with pytest.raises(ConfigError, match="--scale applies to --loss mnr only"):
+        TrainConfig(loss="softmax", scale=10.0)
     with pytest.raises(ConfigError, match="--lr must be a positive number, got nan"):
         TrainConfig(lr=float("nan"))
+
+
+def test_every_setting_says_whether_it_changes_the_weights():
+    """A checkpoint resumes only under the same weight-changing settings: a new setting must say which it is."""
+    import dataclasses
+
+    from mnr.rundir import RESULT_SETTINGS
+
+    for f in dataclasses.fields(TrainConfig):
+        assert isinstance(f.metadata.get("weights"), bool), f"{f.name}: declare weights=True or False in _f(...)"
+    changing = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["weights"]}
+    assert set(RESULT_SETTINGS) == changing - {"data"}  # the data are compared by content, not by name
+    assert {"lr", "batch_size", "seed", "loss", "model"} <= set(RESULT_SETTINGS)
+    assert not {"output", "resume", "eval_steps", "save_every"} & set(RESULT_SETTINGS)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mnr.data import (
+    LABELLED,
     load_nli,
     load_sts,
     load_training_set,
@@ -80,7 +81,7 @@ def test_training_set_from_nli_for_each_objective(tmp_path):
     assert pairs.columns == ("anchor", "positive") and len(pairs) == 4
     triplets = load_training_set([path], hard_negatives=True)
     assert triplets.columns == ("anchor", "positive", "negative") and len(triplets) == 3
-    labelled = load_training_set([path], objective="softmax")
+    labelled = load_training_set([path], wants=LABELLED)
     assert labelled.columns == ("premise", "hypothesis") and labelled.labels == [0, 1, 2, 0, 0, 2, 0]
 
 
@@ -89,7 +90,7 @@ def test_training_set_merges_files(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"anchor": "q", "positive": "d"}])
     merged = load_training_set([str(a), str(b)])
     assert merged.rows == [("p1", "e1"), ("q", "d")]
-    assert merged.sources == [str(a), str(b)]
+    assert merged.sources == {str(a): 1, str(b): 1}
 
 
 def test_pairs_with_numbered_negatives_and_column_map(tmp_path):
@@ -232,7 +233,7 @@ def test_unknown_extension(tmp_path):
 def test_not_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"anchor": "caf\u00e9", "positive": "b"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=rf"^{path}: not UTF-8 text"):
+    with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8 text \(byte 0xe9 at column 16\)"):
         load_training_set([str(path)])
 
 
@@ -250,8 +251,8 @@ def test_files_with_different_columns(tmp_path):
 
 
 def test_softmax_needs_labels(tmp_path, pairs_file):
-    with pytest.raises(DataError, match="softmax loss needs labelled NLI data"):
-        load_training_set([str(pairs_file)], objective="softmax")
+    with pytest.raises(DataError, match="this loss trains on labelled NLI data"):
+        load_training_set([str(pairs_file)], wants=LABELLED)
 
 
 def test_sts_bad_score(tmp_path):

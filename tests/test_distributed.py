@@ -28,7 +28,7 @@ def one_step(config):  # like train(): the setup, DistributedDataParallel wrappe
     rank, world_size = distributed.world()
     assert world_size == 2
     k = config.batch_size
-    loss = forward_backward(s, list(range(rank * k, (rank + 1) * k)), config)  # rank r holds rows r*k .. r*k+k-1
+    loss = forward_backward(s, list(range(rank * k, (rank + 1) * k)), config).item()  # rank r: rows r*k .. r*k+k-1
     return rank, loss, {n: p.grad for n, p in s.encoder.named_parameters() if p.grad is not None}
 
 
@@ -49,14 +49,6 @@ def torchrun(args: list[str], tmp_path, script: str | None = None) -> subprocess
         path.write_text(script)
         command.append(str(path))
     return subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def no_dropout_model(tiny_model_dir, tmp_path_factory):
-    encoder = SentenceEncoder.load(str(tiny_model_dir))
-    encoder.transformer.config.hidden_dropout_prob = 0.0
-    encoder.transformer.config.attention_probs_dropout_prob = 0.0
-    return encoder.save(tmp_path_factory.mktemp("models") / "no-dropout")
 
 
 @pytest.fixture
@@ -89,7 +81,7 @@ def test_two_processes_equal_one(no_dropout_model, nli_file, triplets, tmp_path,
 
     config = TrainConfig(**{**common, "batch_size": 2 * k})
     s = prepare(config)
-    loss = forward_backward(s, list(range(2 * k)), config)
+    loss = forward_backward(s, list(range(2 * k)), config).item()
     single = {n: p.grad for n, p in s.encoder.named_parameters() if p.grad is not None}
 
     assert distributed["loss"] == pytest.approx(loss, rel=1e-5)

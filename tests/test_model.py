@@ -7,9 +7,8 @@ import pytest
 import torch
 import transformers
 
-from mnr.batching import pad_ids
 from mnr.errors import ModelError
-from mnr.model import SentenceEncoder
+from mnr.model import SentenceEncoder, pad_ids
 
 from .conftest import SENTENCES
 
@@ -167,3 +166,9 @@ def test_bf16_encoding_is_close_to_fp32(tiny_encoder):
     bf16 = tiny_encoder.encode(SENTENCES, normalize=True, bf16=True)
     assert bf16.dtype == np.float32
     assert (fp32 * bf16).sum(axis=1).min() > 0.999
+
+
+def test_pad_to_longest_in_batch():
+    batch = pad_ids([[101, 7, 102], [101, 102]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -24,7 +24,9 @@ def tiny(model_type: str, tokenizer, pooling: str) -> SentenceEncoder:
     else:  # RoBERTa numbers positions from padding_idx + 1
         transformer = transformers.RobertaModel(transformers.RobertaConfig(max_position_embeddings=130,
                                                                            pad_token_id=1, **common))
-    return SentenceEncoder(transformer, tokenizer, pooling=pooling, max_seq_length=64)
+    encoder = SentenceEncoder(transformer, tokenizer, pooling=pooling, max_seq_length=64)
+    assert encoder.enable_packing()
+    return encoder
 
 
 def padded_twin(encoder: SentenceEncoder) -> SentenceEncoder:
@@ -97,7 +99,7 @@ def test_unsupported_architectures_fall_back_to_padding(tiny_encoder):
     config = transformers.DistilBertConfig(vocab_size=tiny_encoder.tokenizer.vocab_size, dim=32, n_layers=1,
                                            n_heads=2, hidden_dim=64)
     encoder = SentenceEncoder(transformers.DistilBertModel(config), tiny_encoder.tokenizer)
-    assert not encoder.packed
+    assert not encoder.enable_packing() and not encoder.packed
     assert encoder(encoder.tokenize(SENTENCES[:3])).shape == (3, 32)
 
 

@@ -27,24 +27,13 @@ def read_log(output):
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def no_dropout_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model without dropout, so a training step's loss can be recomputed outside the loop."""
-    encoder = SentenceEncoder.load(str(tiny_model_dir))
-    encoder.transformer.config.hidden_dropout_prob = 0.0
-    encoder.transformer.config.attention_probs_dropout_prob = 0.0
-    path = tmp_path_factory.mktemp("models") / "tiny-no-dropout"
-    encoder.transformer = transformers.BertModel(encoder.transformer.config)
-    encoder.transformer.load_state_dict(SentenceEncoder.load(str(tiny_model_dir)).transformer.state_dict())
-    return encoder.save(path)
-
-
 def test_train_writes_final_best_log_and_config(tiny_model_dir, nli_file, sts_file, tmp_path, capsys):
     output = tmp_path / "run"
     assert main(train_args(tiny_model_dir, [nli_file], output, "--sts-dev", str(sts_file), "--eval-steps", "2",
                            "--epochs", "2")) == 0
     assert "final model:" in capsys.readouterr().out
-    assert {p.name for p in output.iterdir()} == {"final", "best", "checkpoints", "log.jsonl", "config.toml"}
+    assert {p.name for p in output.iterdir()} == {"final", "best", "checkpoints", "log.jsonl", "config.toml",
+                                                  "curves.png"}
     log = read_log(output)
     losses = [e["loss"] for e in log if "loss" in e]
     evals = [e["step"] for e in log if "sts_dev" in e]

@@ -1,4 +1,4 @@
-"""Rows -> batches: duplicate-free and seeded; token id lists -> padded tensors.
+"""Rows -> batches: duplicate-free and seeded.
 
 MNR treats every other candidate in a batch as a negative, so a text that appears twice in a
 batch (in any column) becomes a false negative: the loss pushes a sentence away from itself.
@@ -10,8 +10,6 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Sequence
-
-import torch
 
 from mnr.data import TrainingSet
 from mnr.errors import DataError
@@ -74,14 +72,3 @@ def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
             f"duplicates ({len(data.rows)} rows, {distinct} distinct texts); lower --batch-size or add data"
         )
     return batches
-
-
-def pad_ids(id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad id lists to the longest one: (B, T) input_ids and attention_mask."""
-    longest = max(len(ids) for ids in id_lists)
-    input_ids = torch.full((len(id_lists), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(id_lists), longest), dtype=torch.long)
-    for i, ids in enumerate(id_lists):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}

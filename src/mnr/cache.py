@@ -1,13 +1,15 @@
 """Gradient caching: a batch of thousands in the memory of a mini-batch (Gao et al. 2021, GradCache).
 
 MNR's loss couples every text of a batch, but its gradient with respect to the *embeddings* is
-small: (texts, D). So:
+small: (texts, D). So a cached step is:
 
-1. embed the batch in mini-batches without autograd (no activations kept), saving the RNG state
-   before each, so dropout can be replayed;
-2. compute the full-batch loss on those embeddings and back-propagate it to the embeddings only;
-3. re-embed each mini-batch with autograd, under the same RNG state (the same dropout masks),
-   and back-propagate its slice of the embedding gradient into the encoder.
+1. ``embed_without_graph``: embed the batch in mini-batches without autograd (no activations
+   kept), remembering the RNG state before each, so dropout can be replayed;
+2. the caller computes the full-batch loss on those embeddings and back-propagates it to the
+   embeddings only (and to the loss's own parameters, if any), exactly as an uncached step does;
+3. ``replay_with_gradients``: re-embed each mini-batch with autograd under the same RNG state
+   (the same dropout masks) and back-propagate its slice of the embedding gradient into the
+   encoder.
 
 Loss and parameter gradients equal those of embedding the same mini-batches in one graph; peak
 memory is that of one mini-batch. The price is a second forward pass.
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -34,43 +39,45 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def cached_backward(
-    model: torch.nn.Module,
-    loss_fn: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tensor],
-    ids: Sequence[Sequence[int]],
-    batch_size: int,
-    labels: torch.Tensor | None,
-    mini_batch_size: int,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    device: torch.device,
-    is_finite: Callable[[torch.Tensor], bool],
-) -> torch.Tensor | None:
-    """Forward and backward of one batch with gradient caching; returns the loss (None if not finite).
+@dataclass
+class Replay:
+    """What ``replay_with_gradients`` needs: the mini-batches and the RNG state before and after each pass."""
 
-    ``ids``: the token ids of every text of the batch, column-major (C·B lists); the loss sees them
-    as C columns of ``batch_size``. ``model`` may be wrapped in DistributedDataParallel: gradients
-    are then synchronised once, on the last mini-batch.
-    """
+    chunks: list[Sequence[Sequence[int]]]
+    states: list[tuple]  # the RNG state before each chunk's forward
+    after: tuple  # the RNG state after the last one
+    device: torch.device
+
+
+def embed_without_graph(model: torch.nn.Module, ids: Sequence[Sequence[int]], mini_batch_size: int,
+                        autocast: Autocast, device: torch.device) -> tuple[torch.Tensor, Replay]:
+    """(N, D) fp32 embeddings of the token id lists ``ids``, ``mini_batch_size`` texts at a time, with
+    no activations kept; they require grad, so a loss on them back-propagates to them only."""
     chunks = [ids[i : i + mini_batch_size] for i in range(0, len(ids), mini_batch_size)]
     states, pieces = [], []
-    with torch.no_grad():  # 1. embeddings, no activations kept
+    with torch.no_grad():
         for chunk in chunks:
             states.append(rng_state(device))
             with autocast():
                 pieces.append(model(chunk))
-    after = rng_state(device)
-    embeddings = torch.cat(pieces).float().requires_grad_()  # (C·B, D)
-    loss = loss_fn(list(embeddings.split(batch_size)), labels)  # 2. the full-batch loss
-    if not is_finite(loss):
-        return None
-    loss.backward()  # -> embeddings.grad; and the loss's own parameters (softmax classifier), if any
-    grads = embeddings.grad.split([len(chunk) for chunk in chunks])
+    replay = Replay(chunks, states, rng_state(device), device)
+    return torch.cat(pieces).float().requires_grad_(), replay
+
+
+def replay_with_gradients(model: torch.nn.Module, replay: Replay, grad: torch.Tensor, autocast: Autocast) -> None:
+    """Back-propagate ``grad`` (N, D), the loss's gradient with respect to the embeddings, into
+    ``model``'s parameters by re-running each mini-batch with autograd under its saved RNG state.
+
+    ``model`` may be wrapped in DistributedDataParallel: gradients are then synchronised once, on
+    the last mini-batch. The RNG ends where one pass of the batch leaves it.
+    """
+    grads = grad.split([len(chunk) for chunk in replay.chunks])
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
-    for i, (chunk, grad) in enumerate(zip(chunks, grads, strict=True)):  # 3. replay with autograd
-        set_rng_state(states[i], device)
-        with no_sync() if i < len(chunks) - 1 else contextlib.nullcontext():
+    last = len(replay.chunks) - 1
+    for i, (chunk, chunk_grad) in enumerate(zip(replay.chunks, grads, strict=True)):
+        set_rng_state(replay.states[i], replay.device)
+        with no_sync() if i < last else contextlib.nullcontext():
             with autocast():
                 out = model(chunk)
-            out.float().backward(grad)
-    set_rng_state(after, device)  # as if each mini-batch had run once
-    return loss.detach()
+            out.float().backward(chunk_grad)
+    set_rng_state(replay.after, replay.device)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune sentence-embedding models with Multiple Negatives Ranking loss, "
                     "and measure them on semantic textual similarity (STS).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # train eval encode plot
 
     train_parser = commands.add_parser(
         "train", help="fine-tune a model", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--sts", nargs="+", metavar="FILE", help="STS files (sentence1, sentence2, score); "
                              "default: sts/stsb_test.jsonl.gz under --data-dir")
     eval_parser.add_argument("--data-dir", help="where relative --sts paths are looked up (default: $MNR_DATA_DIR)")
+    eval_parser.add_argument("--columns", default="", help="map the STS files' column names to ours: OURS=THEIRS,... "
+                             "e.g. sentence1=text_a,sentence2=text_b,score=label")
     eval_parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
     eval_parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster on CPUs with "
                              "AVX-512 BF16 and GPUs; scores move by about 0.01)")
@@ -72,13 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     encode_parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster on CPUs "
                                "with AVX-512 BF16 and GPUs; cosines move by about 1e-4)")
 
+    plot_parser = commands.add_parser(
+        "plot", help="draw the training curves of one or more runs (overlaid) into a PNG",
+        description="Loss (raw and smoothed), learning rate and dev metric of each run's log.jsonl, one colour per "
+                    "run, e.g. two recipes side by side. mnr train draws OUTPUT/curves.png itself.")
+    plot_parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --output of mnr train)")
+    plot_parser.add_argument("--output", metavar="FILE.png", help="default: RUN/curves.png for one run, "
+                             "curves.png here for several")
+    plot_parser.add_argument("--labels", nargs="+", metavar="LABEL", help="names for the runs in the legends")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars around our own output
     try:
-        return {"train": _train, "eval": _eval, "encode": _encode}[args.command](args)
+        return {"train": _train, "eval": _eval, "encode": _encode, "plot": _plot}[args.command](args)
     except MnrError as e:
         print(f"mnr {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
@@ -96,8 +108,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default!r})" if default not in ("", []) else f.metadata["help"]
-        if kind is bool:
+        shown = default not in ("", [], None)
+        help_text = f"{f.metadata['help']} (default: {default!r})" if shown else f.metadata["help"]
+        if kind in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind == list[str]:
             parser.add_argument(flag, nargs="+", default=None, metavar="FILE", help=help_text)
@@ -108,27 +121,40 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     from mnr import distributed
     from mnr.config import TrainConfig
-    from mnr.train import Stopped, train
+    from mnr.errors import Stopped
+    from mnr.train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig.from_sources(args.config, **flags)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet launched: let torchrun start the processes
+        os.environ[COMMAND_VARIABLE] = shlex.join(["mnr", *sys.argv[1:]])  # for the resume command, --nproc kept
         distributed.launch(config.nproc, sys.argv[1:])
-    with distributed.process_group(clean_exits=(Stopped,)):  # every process stops at the same step
-        rank = distributed.world()[0]
-        result = train(config)
+    rank = 0
+    try:
+        with distributed.process_group(clean_exits=(Stopped,)):  # every process stops at the same step
+            rank = distributed.world()[0]
+            result = train(config)
+    except Stopped as e:  # not a failure: everything up to this step is saved
+        if rank == 0:
+            print(f"mnr train: {e}. Continue with:\n  {resume_command()}", file=sys.stderr)
+        return e.exit_code
     if rank != 0:
         return 0
-    print(f"final model: {result.final}")
-    if result.best is not None:
-        print(f"best model:  {result.best} (STS dev Spearman {result.best_score:.2f})")
-    print(f"trained {result.steps} steps, {result.rows} examples, {result.rows / result.train_seconds:.1f} "
-          f"examples/s")
+    summary = result.summary
+    print(f"final model: {summary['final']}")
+    if "best" in summary:
+        base = f"; the base model: {summary['base_score']:.2f}" if summary["base_score"] is not None else ""
+        print(f"best model:  {summary['best']} ({summary['best_metric']} {summary['best_score']:.2f} at step "
+              f"{summary['best_step']}{base})")
+    print(f"trained:     {result.steps} steps, {summary['rows']:,} examples in {summary['train_seconds']:.0f} s, "
+          f"{summary['rows_per_s']:.1f} examples/s")
+    print(f"curves:      {summary['curves']}")
+    print(f"next:        {summary['next']}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mnr.data import data_dir, load_sts, resolve_path
+    from mnr.data import STS_COLUMNS_HINT, data_dir, load_sts, parse_column_map, resolve_path, short_name
     from mnr.errors import ConfigError
     from mnr.evaluate import comparison_table, evaluate_sts
     from mnr.model import SentenceEncoder
@@ -140,7 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
         specs = ["sts/stsb_test.jsonl.gz"]
     else:
         raise ConfigError("--sts: no STS file given (and no --data-dir / $MNR_DATA_DIR to find stsb_test in)")
-    sets = {_short_name(spec): load_sts(resolve_path(spec, root)) for spec in specs}
+    column_map = parse_column_map(args.columns)
+    sets = {short_name(spec): load_sts(resolve_path(spec, root), column_map, hint=STS_COLUMNS_HINT) for spec in specs}
     results = {}
     for name in args.models:
         encoder = SentenceEncoder.load(name)
@@ -153,13 +180,18 @@ def _eval(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from mnr.data import not_utf8
     from mnr.errors import DataError
     from mnr.model import SentenceEncoder
 
     try:
-        texts = Path(args.input).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{args.input}: cannot read: {e}") from None
+        texts = Path(args.input).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise not_utf8(Path(args.input)) from None
+    except OSError as e:
+        raise DataError(f"{args.input}: cannot read: {e.strerror or e}") from None
+    while texts and not texts[-1].strip():  # blank lines at the end of a file are not texts
+        texts.pop()
     for line_no, text in enumerate(texts, start=1):
         if not text.strip():
             raise DataError(f"{args.input}:{line_no}: empty line (every line is a text to embed)")
@@ -175,11 +207,25 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _short_name(spec: str) -> str:
-    name = Path(spec).name
-    for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet"):
-        name = name.removesuffix(suffix)
-    return name
+def _plot(args: argparse.Namespace) -> int:
+    from mnr.errors import ConfigError
+    from mnr.plot import plot_runs
+
+    if args.labels and len(args.labels) != len(args.runs):
+        raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    output = Path(args.output) if args.output else (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1
+                                                    else Path("curves.png"))
+    print(plot_runs([Path(run) for run in args.runs], output, args.labels))
+    return 0
+
+
+COMMAND_VARIABLE = "MNR_COMMAND"  # the command as the user typed it, for processes torchrun started
+
+
+def resume_command() -> str:
+    """The command that continues this run: the one given, with --resume."""
+    command = os.environ.get(COMMAND_VARIABLE) or shlex.join(["mnr", *sys.argv[1:]])
+    return command if "--resume" in shlex.split(command) else f"{command} --resume"
 
 
 if __name__ == "__main__":

@@ -22,64 +22,80 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _f(default, help: str, **kwargs):
+def _f(default, help: str, *, weights: bool):
+    """A setting: its default, its ``--flag`` help, and whether it changes the trained weights
+    (``weights``; a checkpoint only resumes under the same values of those, see ``RESULT_SETTINGS``)."""
+    metadata = {"help": help, "weights": weights}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = _f("sentence-transformers/all-MiniLM-L6-v2",
-                    "base model: a local directory, a Hugging Face hub name, or a sentence-transformers model")
+    model: str = _f("sentence-transformers/all-MiniLM-L6-v2", "base model: a local directory, a Hugging Face hub "
+                    "name, or a sentence-transformers model", weights=True)
     data: list[str] = _f([], "training files (.jsonl/.csv/.tsv[.gz], .parquet) or hub datasets "
                              "(hf:NAME[:CONFIG]:SPLIT); NLI (premise, hypothesis, label) or pairs "
-                             "(anchor, positive[, negative])")
-    data_dir: str = _f("", "where relative --data/--sts-dev paths are looked up (default: $MNR_DATA_DIR)")
-    columns: str = _f("", "map your column names to ours: OURS=THEIRS,... e.g. anchor=question,positive=answer")
-    output: str = _f("", "output directory: final/ (last model), best/ (best STS dev), log.jsonl, config.toml")
-    max_examples: int = _f(0, "train on a seeded random sample of this many examples (0: all)")
+                             "(anchor, positive[, negative])", weights=True)
+    data_dir: str = _f("", "where relative --data/--sts-dev paths are looked up (default: $MNR_DATA_DIR)",
+                       weights=False)
+    columns: str = _f("", "map your column names to ours: OURS=THEIRS,... e.g. anchor=question,positive=answer",
+                      weights=True)
+    output: str = _f("", "output directory: final/ (last model), best/ (best on the dev set), log.jsonl, config.toml",
+                     weights=False)
+    max_examples: int = _f(0, "train on a seeded random sample of this many examples (0: all)", weights=True)
     # objective
-    loss: str = _f("mnr", "mnr (Multiple Negatives Ranking) or softmax (SBERT NLI classifier)")
+    loss: str = _f("mnr", "mnr (Multiple Negatives Ranking) or softmax (SBERT NLI classifier)", weights=True)
     hard_negatives: bool = _f(False, "NLI data: train on (premise, entailment, contradiction) triplets "
-                                     "instead of (premise, entailment) pairs")
-    symmetric: bool = _f(False, "mnr: also rank anchors given each positive, and average both directions")
-    scale: float = _f(20.0, "mnr: cosine similarities are multiplied by this (1 / temperature)")
+                                     "instead of (premise, entailment) pairs", weights=True)
+    symmetric: bool = _f(False, "mnr: also rank anchors given each positive, and average both directions",
+                         weights=True)
+    scale: float = _f(20.0, "mnr: cosine similarities are multiplied by this (1 / temperature)", weights=True)
     # model
-    pooling: str = _f("", "mean, cls or max (default: the model's own; mean for a plain checkpoint)")
-    max_seq_length: int = _f(128, "truncate texts to this many tokens")
+    pooling: str = _f("", "mean, cls or max (default: the model's own; mean for a plain checkpoint)", weights=True)
+    max_seq_length: int = _f(128, "truncate texts to this many tokens", weights=True)
     packing: bool = _f(True, "run the encoder on real tokens only, no padding (BERT/RoBERTa-family models; "
-                             "others always pad)")
+                             "others always pad)", weights=True)
     # optimisation
     batch_size: int = _f(32, "rows per batch and process; with MNR every other row's texts in the batch "
-                             "(of all processes) are negatives")
+                             "(of all processes) are negatives", weights=True)
     mini_batch_size: int = _f(0, "mnr: embed the batch in chunks of this many texts with gradient caching, so a "
-                                 "batch of thousands fits in memory; same loss and gradients (0: no caching)")
-    epochs: int = _f(1, "passes over the training data")
-    lr: float = _f(2e-5, "peak learning rate of AdamW")
-    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up from 0 to --lr, then linear decay to 0")
-    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm)")
-    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
-    seed: int = _f(0, "seed for shuffling, dropout and initialisation")
-    bf16: bool = _f(False, "bf16 autocast for the encoder (fp32 weights and loss); on CPUs with AVX-512 BF16 and GPUs")
-    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+                                 "batch of thousands fits in memory; same loss and gradients (0: no caching)",
+                              weights=True)
+    epochs: int = _f(1, "passes over the training data", weights=True)
+    lr: float = _f(2e-5, "peak learning rate of AdamW", weights=True)
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up from 0 to --lr, then linear decay to 0",
+                             weights=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm)", weights=True)
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", weights=True)
+    seed: int = _f(0, "seed for shuffling, dropout and initialisation", weights=True)
+    bf16: bool | None = _f(None, "bf16 autocast for the encoder (fp32 weights and loss); default: on where the "
+                                 "device computes bf16 natively (GPUs from compute capability 8.0, CPUs with AVX-512 "
+                                 "BF16 or AMX), fp32 elsewhere; the choice is printed and saved in config.toml",
+                           weights=True)
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N", weights=False)
     # evaluation
     sts_dev: str = _f("", "STS file (sentence1, sentence2, score) to evaluate on during training; best/ keeps the "
-                          "best model by its Spearman")
-    eval_steps: int = _f(500, "evaluate on --sts-dev every this many steps (and before and after training)")
+                          "best model by its Spearman", weights=False)
+    eval_steps: int = _f(500, "evaluate on the dev set every this many steps (and before and after training)",
+                         weights=False)
+    tensorboard: bool = _f(False, "also write the loss, learning rate and dev metrics as TensorBoard scalars to "
+                                  "OUTPUT/tensorboard (needs the tensorboard package: pip install 'mnr[tensorboard]')",
+                           weights=False)
     # never lose work
     save_every: int = _f(500, "write a checkpoint (model, optimizer, RNG, position) every this many steps and at "
-                              "the end (0: only when stopped by Ctrl-C/SIGTERM)")
-    keep_checkpoints: int = _f(2, "keep this many of the latest checkpoints")
-    resume: bool = _f(False, "continue the run in --output from its latest complete checkpoint (same settings)")
+                              "the end (0: only when stopped by Ctrl-C/SIGTERM)", weights=False)
+    keep_checkpoints: int = _f(2, "keep this many of the latest checkpoints", weights=False)
+    resume: bool = _f(False, "continue the run in --output from its latest complete checkpoint (same settings)",
+                      weights=False)
     nproc: int = _f(1, "train with this many processes (torchrun, DistributedDataParallel); negatives are "
-                       "shared across all of them")
+                       "shared across all of them", weights=False)
 
     def __post_init__(self):
         _check_types(self, "")
         checks = [
-            (self.loss in ("mnr", "softmax"), "--loss must be mnr or softmax"),
             (self.pooling in ("", "mean", "cls", "max"), "--pooling must be mean, cls or max"),
             (self.batch_size >= 2, "--batch-size must be at least 2 (MNR needs in-batch negatives)"),
             (self.epochs >= 1, "--epochs must be at least 1"),
@@ -95,15 +111,16 @@ class TrainConfig:
             (self.save_every >= 0, "--save-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.nproc >= 1, "--nproc must be at least 1"),
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "--device must be auto, cpu, cuda or cuda:N"),
-            (not (self.loss == "softmax" and (self.hard_negatives or self.symmetric)),
-             "--hard-negatives and --symmetric apply to --loss mnr only"),
         ]
         for ok, message in checks:
             if not ok:
                 name = message.split()[0][2:].replace("-", "_")
                 raise ConfigError(f"{message}, got {getattr(self, name)!r}")
+        from mnr.losses import check_settings  # the loss says which settings it reads
+
+        check_settings(self)
 
     # ------------------------------------------------------------ files
 
@@ -118,7 +135,9 @@ class TrainConfig:
         """The resolved config, to save beside the model: every field, in declaration order."""
         lines = ["# resolved mnr training config: `mnr train --config THIS_FILE` repeats the run"]
         for f in dataclasses.fields(self):
-            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+            value = getattr(self, f.name)
+            lines.append(f"# {f.name}: not set (decided at run time)" if value is None else
+                         f"{f.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
@@ -153,6 +172,10 @@ def _check_types(config: TrainConfig, where: str) -> None:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
             continue
+        if value is None and expected == (bool | None):  # not set: decided at run time
+            continue
+        if expected == (bool | None):
+            expected = bool
         if expected == list[str]:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         else:

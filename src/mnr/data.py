@@ -1,20 +1,26 @@
 """Training and evaluation data: files (or hub datasets) -> validated examples.
 
 Every reader yields ``(where, record)`` so that an error can name the file and line (or row) it
-came from. Three kinds of data exist, told apart by their columns:
+came from. A file's *kind* is told apart by its columns, and each kind is one small class
+(``DataKind``) that turns its records into the rows a loss asks for:
 
 * NLI:   premise, hypothesis, label (0/entailment, 1/neutral, 2/contradiction)
 * pairs: anchor, positive[, negative | negative_1, negative_2, ...]
-* STS:   sentence1, sentence2, score
+* STS:   sentence1, sentence2, score (evaluation only)
 
-Other column names are mapped with ``column_map`` (the ``--columns`` flag).
+A loss asks for one of two row forms: ``RANKING`` rows (anchor, positive[, negatives]), where
+every other row's texts serve as negatives, or ``LABELLED`` rows (premise, hypothesis) with a
+label each. Other column names are mapped with ``column_map`` (the ``--columns`` flag).
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import csv
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -22,17 +28,22 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from mnr.errors import DataError
 
 log = logging.getLogger(__name__)
 
 NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
-ENTAILMENT, NEUTRAL, CONTRADICTION = 0, 1, 2
+ENTAILMENT, CONTRADICTION = NLI_LABELS["entailment"], NLI_LABELS["contradiction"]
 # SNLI marks pairs without a gold label with "-" (raw files) or -1 (hub); they carry no signal.
 NO_GOLD_LABELS = {"-", "-1", -1}
 
 HUB_PREFIX = "hf:"
+
+# The two forms of training rows a loss can ask for (``Loss.input``).
+RANKING = "ranking"  # (anchor, positive[, negative...]): every other row's texts are negatives too
+LABELLED = "labelled"  # (premise, hypothesis) and a label per row
 
 
 @dataclass
@@ -47,12 +58,13 @@ class TrainingSet:
     """Rows of texts for one loss, plus where they came from.
 
     ``columns`` names the texts of every row: ("anchor", "positive"), ("anchor", "positive",
-    "negative") or, for the softmax loss, ("premise", "hypothesis") with ``labels`` set.
+    "negative", ...) or, for a labelled loss, ("premise", "hypothesis") with ``labels`` set.
+    ``sources`` maps each file (or hub dataset) to the number of rows it gave.
     """
 
     columns: tuple[str, ...]
     rows: list[tuple[str, ...]]
-    sources: list[str]
+    sources: dict[str, int]
     labels: list[int] | None = None
 
     def __len__(self) -> int:
@@ -63,7 +75,10 @@ class TrainingSet:
         if not n or n >= len(self.rows):
             return self
         keep = sorted(random.Random(seed).sample(range(len(self.rows)), n))
-        return TrainingSet(self.columns, [self.rows[i] for i in keep], self.sources,
+        ends = list(itertools.accumulate(self.sources.values()))  # rows are the sources' rows, in order
+        kept = collections.Counter(bisect.bisect_right(ends, i) for i in keep)
+        sources = {name: kept[j] for j, name in enumerate(self.sources) if kept[j]}
+        return TrainingSet(self.columns, [self.rows[i] for i in keep], sources,
                            [self.labels[i] for i in keep] if self.labels is not None else None)
 
 
@@ -105,18 +120,52 @@ def resolve_path(spec: str, root: Path | None) -> str:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """UTF-8 text, without the byte-order mark that Excel's "CSV UTF-8" and some editors put first."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
-def _format_of(path: Path) -> str:
+def not_utf8(path: Path) -> DataError:
+    """Where a file stops being UTF-8 (line, column, byte), and how to convert it.
+
+    The decoder reports a position inside the chunk it was decoding, so the file is read again,
+    line by line, to find the line.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{path}:{line_no}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1})"
+                break
+        else:  # pragma: no cover - the caller saw a decoding error, so some line has one
+            where = f"{path}: not UTF-8 text"
+    stem = path.name.removesuffix(".gz")
+    target = f"{stem.rsplit('.', 1)[0]}.utf8.{stem.rsplit('.', 1)[-1]}" if "." in stem else f"{stem}.utf8"
+    command = (f"zcat {path} | iconv -f latin1 -t utf-8 > {target}" if path.suffix == ".gz"
+               else f"iconv -f latin1 -t utf-8 {path} > {target}")
+    return DataError(f"{where}; if it is Latin-1 (or Windows-1252, Excel's default), convert it: {command}")
+
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+
+def format_of(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
-    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".tsv", "tsv"),
-                     (".parquet", "parquet")):
+    for ext, fmt in FORMATS.items():
         if name.endswith(ext):
             return fmt
     raise DataError(f"{path}: unknown file type; expected .jsonl, .json, .csv, .tsv (optionally .gz) or .parquet")
+
+
+def short_name(spec: str) -> str:
+    """A file's name without its data extensions: ``sts/stsb_dev.jsonl.gz`` -> ``stsb_dev``."""
+    name = Path(spec).name.removesuffix(".gz")
+    for ext in FORMATS:
+        name = name.removesuffix(ext)
+    return name
 
 
 def read_records(spec: str) -> Iterator[tuple[str, dict]]:
@@ -128,7 +177,7 @@ def read_records(spec: str) -> Iterator[tuple[str, dict]]:
         yield from _read_hub(spec)
         return
     path = Path(spec)
-    fmt = _format_of(path)
+    fmt = format_of(path)
     try:
         if fmt == "jsonl":
             yield from _read_jsonl(path)
@@ -136,8 +185,8 @@ def read_records(spec: str) -> Iterator[tuple[str, dict]]:
             yield from _read_csv(path, delimiter="," if fmt == "csv" else "\t")
         else:
             yield from _read_parquet(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     except (OSError, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise DataError(f"{path}: no such file") from None
@@ -256,17 +305,6 @@ def _renamed(record: dict, column_map: dict[str, str]) -> dict:
     return {column_map.get(k, k): v for k, v in record.items()}
 
 
-def kind_of(columns: set[str]) -> str | None:
-    """Tell the kind of data from its column names: 'nli', 'pairs', 'sts' or None."""
-    if {"premise", "hypothesis", "label"} <= columns:
-        return "nli"
-    if {"anchor", "positive"} <= columns:
-        return "pairs"
-    if {"sentence1", "sentence2", "score"} <= columns:
-        return "sts"
-    return None
-
-
 def _negative_columns(columns: set[str] | list[str]) -> list[str]:
     """'negative' or 'negative_1', 'negative_2', ... in numeric order."""
     if "negative" in columns:
@@ -310,8 +348,11 @@ def _nli_label(record: dict, where: str) -> int | None:
     )
 
 
-def _peek(spec: str, column_map: dict[str, str]) -> tuple[str | None, Iterator[tuple[str, dict]]]:
-    """Tell the kind of ``spec`` from its first record; return (kind, all records renamed)."""
+Records = Iterator[tuple[str, dict]]
+
+
+def _peek(spec: str, column_map: dict[str, str]) -> tuple[set[str], Records]:
+    """The columns of ``spec``'s first record, and all its records renamed by ``column_map``."""
     records = read_records(spec)
     try:
         where, first = next(records)
@@ -324,15 +365,106 @@ def _peek(spec: str, column_map: dict[str, str]) -> tuple[str | None, Iterator[t
         for w, r in records:
             yield w, _renamed(r, column_map)
 
-    return kind_of(set(first)), chained()
+    return set(first), chained()
 
 
-def _unknown_columns(spec: str, expected: str) -> DataError:
+def _unknown_columns(spec: str, expected: str, hint: str) -> DataError:
     where, first = next(read_records(spec))
     return DataError(
         f"{where}: cannot tell the kind of data from the columns ({', '.join(map(str, first))}); "
-        f"expected {expected}; map other names with --columns, e.g. --columns anchor=question,positive=answer"
+        f"expected {expected}; {hint}"
     )
+
+
+TRAINING_COLUMNS_HINT = "map other names with --columns, e.g. --columns anchor=question,positive=answer"
+STS_COLUMNS_HINT = "map other names with --columns, e.g. --columns sentence1=text_a,sentence2=text_b,score=label"
+
+
+# ---------------------------------------------------------------- data kinds
+
+
+class DataKind(Protocol):
+    """One kind of file, told by its columns, and how its records become training rows."""
+
+    name: str  # for messages: what the kind is and the columns that make it
+
+    def matches(self, columns: set[str]) -> bool: ...
+
+    def training_set(self, spec: str, records: Records, wants: str, hard_negatives: bool) -> TrainingSet:
+        """The rows of form ``wants`` (RANKING or LABELLED); a DataError if this kind cannot give them."""
+        ...
+
+
+class NLIKind:
+    """premise, hypothesis, label: entailments are positives, contradictions hard negatives."""
+
+    name = "NLI (premise, hypothesis, label)"
+
+    def matches(self, columns: set[str]) -> bool:
+        return {"premise", "hypothesis", "label"} <= columns
+
+    def training_set(self, spec: str, records: Records, wants: str, hard_negatives: bool) -> TrainingSet:
+        nli = _nli_records(spec, records)
+        if wants == LABELLED:  # every gold-labelled pair
+            rows = [(r.premise, r.hypothesis) for r in nli]
+            return TrainingSet(("premise", "hypothesis"), rows, {spec: len(rows)}, labels=[r.label for r in nli])
+        if hard_negatives:
+            rows = nli_triplets(nli)
+            if not rows:
+                raise DataError(f"{spec}: no premise has both an entailment and a contradiction "
+                                "hypothesis, so no triplets can be built")
+            return TrainingSet(("anchor", "positive", "negative"), rows, {spec: len(rows)})
+        rows = nli_pairs(nli)
+        if not rows:
+            raise DataError(f"{spec}: no entailment pairs (label 0) to train on")
+        return TrainingSet(("anchor", "positive"), rows, {spec: len(rows)})
+
+
+class PairsKind:
+    """anchor, positive and optionally negative (or negative_1, negative_2, ...): rows as they are."""
+
+    name = "anchor, positive[, negative] (pairs/triplets)"
+
+    def matches(self, columns: set[str]) -> bool:
+        return {"anchor", "positive"} <= columns
+
+    def training_set(self, spec: str, records: Records, wants: str, hard_negatives: bool) -> TrainingSet:
+        if wants != RANKING:
+            raise DataError(f"{spec}: this loss trains on labelled NLI data (premise, hypothesis, label), "
+                            "not on pairs")
+        rows: list[tuple[str, ...]] = []
+        columns: list[str] = []
+        for where, record in records:
+            if not columns:  # the first record fixes the columns, later ones must have them all
+                columns = ["anchor", "positive", *_negative_columns(list(record))]
+                if hard_negatives and len(columns) == 2:
+                    raise DataError(f"{spec}: --hard-negatives: this file has no negative column (negative, or "
+                                    "negative_1, negative_2, ...); its own negatives are used without the flag, "
+                                    "and NLI files get theirs from their contradictions")
+            rows.append(tuple(_text(record, c, where) for c in columns))
+        names = ("anchor", "positive") + (("negative",) * (len(columns) - 2))
+        return TrainingSet(names, rows, {spec: len(rows)})
+
+
+class STSKind:
+    """sentence1, sentence2, score: for evaluation (``load_sts``); refused as training data."""
+
+    name = "sentence1, sentence2, score (STS)"
+
+    def matches(self, columns: set[str]) -> bool:
+        return {"sentence1", "sentence2", "score"} <= columns
+
+    def training_set(self, spec: str, records: Records, wants: str, hard_negatives: bool) -> TrainingSet:
+        raise DataError(f"{spec}: STS data (sentence1, sentence2, score) is for evaluation, not training")
+
+
+# Tried in order; the first whose columns match reads the file. A new kind of file is a class here.
+KINDS: list[DataKind] = [NLIKind(), PairsKind(), STSKind()]
+
+
+def kind_of(columns: set[str]) -> DataKind | None:
+    """The kind of data with these column names, or None."""
+    return next((kind for kind in KINDS if kind.matches(columns)), None)
 
 
 # ---------------------------------------------------------------- NLI
@@ -340,13 +472,13 @@ def _unknown_columns(spec: str, expected: str) -> DataError:
 
 def load_nli(spec: str, column_map: dict[str, str] | None = None) -> list[NLIRecord]:
     """All gold-labelled (premise, hypothesis, label) records of one NLI file or hub dataset."""
-    kind, records = _peek(spec, column_map or {})
-    if kind != "nli":
-        raise _unknown_columns(spec, "premise, hypothesis, label (NLI)")
+    columns, records = _peek(spec, column_map or {})
+    if not isinstance(kind_of(columns), NLIKind):
+        raise _unknown_columns(spec, NLIKind.name, TRAINING_COLUMNS_HINT)
     return _nli_records(spec, records)
 
 
-def _nli_records(spec: str, records: Iterator[tuple[str, dict]]) -> list[NLIRecord]:
+def _nli_records(spec: str, records: Records) -> list[NLIRecord]:
     out, skipped = [], 0
     for where, record in records:
         label = _nli_label(record, where)
@@ -394,15 +526,15 @@ def nli_triplets(records: list[NLIRecord]) -> list[tuple[str, str, str]]:
 def load_training_set(
     specs: list[str],
     *,
-    objective: str = "mnr",
+    wants: str = RANKING,
     hard_negatives: bool = False,
     column_map: dict[str, str] | None = None,
 ) -> TrainingSet:
-    """Read every file in ``specs`` and build the rows ``objective`` trains on.
+    """Read every file in ``specs`` and build the rows of form ``wants`` from each by its kind.
 
-    * ``objective="mnr"``: NLI files give (premise, entailment) pairs, or (premise, entailment,
+    * ``wants=RANKING``: NLI files give (premise, entailment) pairs, or (premise, entailment,
       contradiction) triplets with ``hard_negatives``; pair files give their own columns.
-    * ``objective="softmax"``: NLI files only; every labelled (premise, hypothesis) with its label.
+    * ``wants=LABELLED``: NLI files only; every labelled (premise, hypothesis) with its label.
 
     All files must give the same columns: a batch is one tensor per column.
     """
@@ -411,64 +543,38 @@ def load_training_set(
     column_map = column_map or {}
     parts: list[TrainingSet] = []
     for spec in specs:
-        kind, records = _peek(spec, column_map)
-        if kind == "nli":
-            nli = _nli_records(spec, records)
-            if objective == "softmax":
-                part = TrainingSet(("premise", "hypothesis"), [(r.premise, r.hypothesis) for r in nli],
-                                   [spec], labels=[r.label for r in nli])
-            elif hard_negatives:
-                part = TrainingSet(("anchor", "positive", "negative"), nli_triplets(nli), [spec])
-                if not part.rows:
-                    raise DataError(f"{spec}: no premise has both an entailment and a contradiction "
-                                    "hypothesis, so no triplets can be built")
-            else:
-                part = TrainingSet(("anchor", "positive"), nli_pairs(nli), [spec])
-                if not part.rows:
-                    raise DataError(f"{spec}: no entailment pairs (label 0) to train on")
-        elif kind == "pairs":
-            if objective == "softmax":
-                raise DataError(f"{spec}: the softmax loss needs labelled NLI data (premise, hypothesis, label)")
-            part = _pairs_records(spec, records)
-        elif kind == "sts":
-            raise DataError(f"{spec}: STS data (sentence1, sentence2, score) is for evaluation, not training")
-        else:
-            raise _unknown_columns(spec, "premise, hypothesis, label (NLI) or anchor, positive[, negative] "
-                                         "(pairs/triplets)")
-        parts.append(part)
+        columns, records = _peek(spec, column_map)
+        kind = kind_of(columns)
+        if kind is None:
+            raise _unknown_columns(spec, " or ".join(k.name for k in KINDS if not isinstance(k, STSKind)),
+                                   TRAINING_COLUMNS_HINT)
+        parts.append(kind.training_set(spec, records, wants, hard_negatives))
 
     first = parts[0]
     for part in parts[1:]:
         if part.columns != first.columns:
             raise DataError(
-                f"{part.sources[0]}: gives {'/'.join(part.columns)} rows but {first.sources[0]} gives "
-                f"{'/'.join(first.columns)}; all training files must give the same columns"
+                f"{next(iter(part.sources))}: gives {'/'.join(part.columns)} rows but {next(iter(first.sources))} "
+                f"gives {'/'.join(first.columns)}; all training files must give the same columns"
             )
-    merged = TrainingSet(first.columns, [r for p in parts for r in p.rows], [s for p in parts for s in p.sources],
-                         labels=[x for p in parts for x in p.labels] if first.labels is not None else None)
-    return merged
-
-
-def _pairs_records(spec: str, records: Iterator[tuple[str, dict]]) -> TrainingSet:
-    rows: list[tuple[str, ...]] = []
-    columns: list[str] | None = None
-    for where, record in records:
-        if columns is None:  # the first record fixes the columns, later ones must have them all
-            columns = ["anchor", "positive", *_negative_columns(list(record))]
-        rows.append(tuple(_text(record, c, where) for c in columns))
-    assert columns is not None  # _peek guarantees one record
-    names = ("anchor", "positive") + (("negative",) * (len(columns) - 2))
-    return TrainingSet(tuple(names), rows, [spec])
+    return TrainingSet(first.columns, [r for p in parts for r in p.rows],
+                       {k: v for p in parts for k, v in p.sources.items()},
+                       labels=[x for p in parts for x in p.labels] if first.labels is not None else None)
 
 
 # ---------------------------------------------------------------- STS
 
 
-def load_sts(spec: str, column_map: dict[str, str] | None = None) -> list[STSExample]:
-    """(sentence1, sentence2, score) examples of an STS file; scores on any scale (STSb: 0-5)."""
-    kind, records = _peek(spec, column_map or {})
-    if kind != "sts":
-        raise _unknown_columns(spec, "sentence1, sentence2, score (STS)")
+def load_sts(spec: str, column_map: dict[str, str] | None = None,
+             hint: str = "rename its columns to sentence1, sentence2, score") -> list[STSExample]:
+    """(sentence1, sentence2, score) examples of an STS file; scores on any scale (STSb: 0-5).
+
+    ``hint`` ends the message for a file whose columns are not those: what the calling command
+    offers to fix it (``mnr eval`` has --columns, ``mnr train --sts-dev`` does not).
+    """
+    columns, records = _peek(spec, column_map or {})
+    if not isinstance(kind_of(columns), STSKind):
+        raise _unknown_columns(spec, STSKind.name, hint)
     out = []
     for where, record in records:
         s1, s2 = _text(record, "sentence1", where), _text(record, "sentence2", where)

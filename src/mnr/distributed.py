@@ -26,6 +26,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def local_device() -> torch.device:
+    """This process's device under torchrun: the GPU of its local rank, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_from_environment() -> torch.device | None:
     """Join the process group torchrun describes in the environment; return this process's device.
 
@@ -40,13 +47,10 @@ def init_from_environment() -> torch.device | None:
     # done. Imported first, it holds nothing, and shutdown() really ends the group.
     import torch._dynamo  # noqa: F401
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = local_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -108,6 +112,16 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / size
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every process, in rank order (``[obj]`` when not distributed); picklable objects."""
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_process(flag: bool, device: torch.device) -> bool:

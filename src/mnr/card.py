@@ -1,0 +1,254 @@
+"""The model card: the README.md written into every model folder a run saves (final/, best/).
+
+It is what people read on a model's page, and the Hugging Face hub reads its YAML front matter.
+Everything in it comes from what the run knows (its settings, data, log and machine); a fact the
+run does not know is left out, never filled with a placeholder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import shlex
+from pathlib import Path
+
+import torch
+import transformers
+
+from mnr.config import TrainConfig
+from mnr.data import HUB_PREFIX, TrainingSet, parse_hub_spec
+
+POOLING_WORDS = {"mean": "mean of the token embeddings", "cls": "the first ([CLS]) token's embedding",
+                 "max": "maximum over the token embeddings"}
+
+
+@dataclasses.dataclass
+class RunFacts:
+    """What a run knows about the model it saves."""
+
+    config: TrainConfig
+    data: TrainingSet
+    loss: str  # the loss class's name
+    pooling: str
+    dim: int
+    max_seq_length: int
+    normalize: bool
+    processes: int
+    total_steps: int
+    data_dir: Path | None  # where relative data paths were found
+    base_license: str | None  # from the base model's own card
+    evaluations: list[dict]  # the log's evaluation entries: {"step": N, SET: {METRIC: value}}
+    best: tuple[str, str] | None  # the (dev set, metric) best/ is chosen by
+    step: int = 0  # the step of the model this card describes
+    train_seconds: float = 0.0
+    rows: int = 0
+    hardware: str = ""
+
+
+def model_card(facts: RunFacts, path: Path, which: str) -> str:
+    """README.md for the model saved at ``path`` (``which``: "final" or "best")."""
+    config = facts.config
+    return "\n".join([
+        _front_matter(facts),
+        f"# {path.parent.name}/{path.name}" if path.parent.name else f"# {path.name}",
+        "",
+        _summary(facts, which),
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {_base_link(config.model)} |",
+        f"| pooling | {POOLING_WORDS.get(facts.pooling, facts.pooling)} |",
+        f"| embedding dimension | {facts.dim} |",
+        f"| max sequence length | {facts.max_seq_length} tokens (longer texts are cut) |",
+        f"| normalisation | {'L2-normalised' if facts.normalize else 'none (cosine similarity normalises)'} |",
+        "| similarity | cosine |",
+        "",
+        "## Usage",
+        "",
+        "With [sentence-transformers](https://www.sbert.net):",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f"model = SentenceTransformer({str(path)!r})",
+        'embeddings = model.encode(["A man is playing a guitar.", "Someone plays an instrument.", "The sky is blue."])',
+        "print(model.similarity(embeddings, embeddings))",
+        "```",
+        "",
+        "With mnr:",
+        "",
+        "```python",
+        "from mnr import SentenceEncoder",
+        "",
+        f"encoder = SentenceEncoder.load({str(path)!r})",
+        'embeddings = encoder.encode(["A man is playing a guitar.", "Someone plays an instrument."], normalize=True)',
+        "print(embeddings @ embeddings.T)  # cosine similarities",
+        "```",
+        "",
+        *_evaluation(facts, which),
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        *_training_rows(facts),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        _command(facts, path),
+        "```",
+        "",
+        f"`mnr_config.toml` beside this file holds every setting of the run. Written by mnr {_version()}.",
+        "",
+    ])
+
+
+def read_license(model_dir: Path | None) -> str | None:
+    """The ``license:`` of a model's own README front matter, if it has one."""
+    if model_dir is None or not (model_dir / "README.md").is_file():
+        return None
+    text = (model_dir / "README.md").read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"---\s*\n(.*?)\n---", text, re.S)
+    if not match:
+        return None
+    found = re.search(r"^license:\s*(\S+)\s*$", match.group(1), re.M)
+    return found.group(1).strip("'\"") if found else None
+
+
+def hardware(device: torch.device) -> str:
+    """One line: the GPU, or the CPU model and its cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores (CPU)"
+
+
+# ---------------------------------------------------------------- parts
+
+
+def _is_hub_name(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _base_link(model: str) -> str:
+    return f"[{model}](https://huggingface.co/{model})" if _is_hub_name(model) else f"`{model}`"
+
+
+def _front_matter(facts: RunFacts) -> str:
+    """YAML the hub reads; hand-written (flat keys and lists of plain words, each quoted as JSON)."""
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:"]
+    lines += [f"- {tag}" for tag in ("sentence-transformers", "sentence-similarity", "feature-extraction", "mnr",
+                                     f"loss:{facts.loss}")]
+    if _is_hub_name(facts.config.model):
+        lines.append(f"base_model: {json.dumps(facts.config.model)}")
+    if facts.base_license:
+        lines.append(f"license: {json.dumps(facts.base_license)}")
+    datasets = list(dict.fromkeys(parse_hub_spec(spec)[0] for spec in facts.config.data
+                                  if spec.startswith(HUB_PREFIX)))
+    if datasets:
+        lines += ["datasets:", *[f"- {json.dumps(name)}" for name in datasets]]
+    return "\n".join([*lines, "---", ""])
+
+
+def _summary(facts: RunFacts, which: str) -> str:
+    what = (f"This is the model of step {facts.step} of {facts.total_steps}, the best on "
+            f"{facts.best[0]} {facts.best[1]} (`best/` of the run)." if which == "best" and facts.best else
+            f"This is the model after the last step ({facts.step} of {facts.total_steps}; `final/` of the run).")
+    return (f"A sentence-embedding model fine-tuned from {_base_link(facts.config.model)} with mnr "
+            f"({facts.loss}) on {len(facts.data):,} rows. It maps a text to a {facts.dim}-dimensional vector; the "
+            f"cosine similarity of two vectors says how close the texts are in meaning. {what}")
+
+
+def _evaluation(facts: RunFacts, which: str) -> list[str]:
+    if not facts.evaluations:
+        return []
+    sets = list(dict.fromkeys(name for e in facts.evaluations for name in e if name != "step"))
+    columns = [(name, metric) for name in sets
+               for metric in next(e[name] for e in facts.evaluations if name in e)]
+    base_note = " (step 0 is the base model, before training)" if facts.evaluations[0]["step"] == 0 else ""
+    lines = ["## Evaluation", "", f"Measured during training on the run's dev set{base_note}:", "",
+             "| step | " + " | ".join(f"{name} {metric}" for name, metric in columns) + " |",
+             "|---:|" + "---:|" * len(columns)]
+    for e in facts.evaluations:
+        label = str(e["step"]) + (" (base model)" if e["step"] == 0 else "") + (
+            " (this model)" if e["step"] == facts.step else "")
+        cells = [f"{e[name][metric]:.2f}" if name in e else "" for name, metric in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    base = facts.evaluations[0] if facts.evaluations[0]["step"] == 0 else None
+    this = next((e for e in reversed(facts.evaluations) if e["step"] == facts.step), None)
+    if facts.best and base and this:
+        name, metric = facts.best
+        lines += ["", f"{name} {metric}: {this[name][metric]:.2f} for this model, {base[name][metric]:.2f} for the "
+                      f"base model ({this[name][metric] - base[name][metric]:+.2f})."]
+    return [*lines, ""]
+
+
+def _training_rows(facts: RunFacts) -> list[str]:
+    config, data = facts.config, facts.data
+    sources = "; ".join(f"`{name}` ({rows:,} rows)" for name, rows in data.sources.items())
+    loss_settings = ", ".join(f"{name} {_word(getattr(config, name))}" for name in _loss_settings(config))
+    rows = [
+        f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)})" +
+        (f", a seeded sample of {config.max_examples:,}" if config.max_examples else "") + " |",
+        f"| loss | {facts.loss}" + (f" ({loss_settings})" if loss_settings else "") + " |",
+        f"| batch | {config.batch_size} rows per step" + (f" and process ({config.batch_size * facts.processes} in all)"
+                                                            if facts.processes > 1 else "") +
+        (f", embedded {config.mini_batch_size} texts at a time (gradient caching)" if config.mini_batch_size else "")
+        + " |",
+        f"| epochs, steps | {config.epochs}, {facts.total_steps} |",
+        f"| learning rate | {config.lr:g} peak; linear warm-up over {config.warmup_ratio:.0%} of the steps, then "
+        f"linear decay to 0; AdamW, weight decay {config.weight_decay:g}, gradient norm clipped to "
+        f"{config.max_grad_norm:g} |",
+        f"| precision | {'bf16 autocast (fp32 weights and loss)' if config.bf16 else 'fp32'} |",
+        f"| processes | {facts.processes} |",
+        f"| seed | {config.seed} |",
+    ]
+    if facts.train_seconds:
+        rows.append(f"| training time | {_duration(facts.train_seconds)} for {facts.rows:,} rows "
+                    f"({facts.rows / facts.train_seconds:.1f} rows/s{' per process' if facts.processes > 1 else ''}) |")
+    if facts.hardware:
+        rows.append(f"| hardware | {facts.hardware} |")
+    rows.append(f"| versions | mnr {_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+                f"Python {platform.python_version()} |")
+    return rows
+
+
+def _loss_settings(config: TrainConfig) -> tuple[str, ...]:
+    from mnr.losses import LOSSES
+
+    return LOSSES[config.loss].settings
+
+
+def _command(facts: RunFacts, path: Path) -> str:
+    args = ["mnr", "train", "--config", str(path / "mnr_config.toml")]
+    if not facts.config.data_dir and facts.data_dir is not None:
+        args += ["--data-dir", str(facts.data_dir)]
+    return shlex.join([*args, "--output", "NEW_OUTPUT_DIR", "--no-resume"])
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def _version() -> str:
+    from mnr import __version__
+
+    return __version__
+
+
+def _word(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)

@@ -1,0 +1,49 @@
+"""Where a model runs and in which precision: the GPU when there is one, bf16 where it is native.
+
+bf16 autocast halves the cost of the encoder's matrix products on hardware that computes bf16
+natively (NVIDIA GPUs of compute capability 8.0 and later; CPUs with AVX-512 BF16 or AMX), and
+costs several times fp32 where it must be emulated (measured: a MiniLM training step 4x slower
+on an Intel Xeon with AVX-512 but without AVX-512 BF16). So "auto" turns it on only where it is
+native.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mnr.errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (so bf16 autocast is faster there, not slower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+    return False
+
+
+def choose_bf16(setting: bool | None, device: torch.device) -> tuple[bool, str]:
+    """The precision to run in: ``setting`` when given (--bf16 / --no-bf16), else native bf16 or not;
+    and why, in words."""
+    if setting is not None:
+        return setting, "as asked (--bf16)" if setting else "as asked (--no-bf16)"
+    if native_bf16(device):
+        return True, f"auto: this {device.type.upper()} computes bf16 natively"
+    what = "GPU (compute capability < 8.0)" if device.type == "cuda" else "CPU (no AVX-512 BF16 or AMX)"
+    return False, f"auto: this {what} would emulate bf16, slower than fp32"
