@@ -1,4 +1,4 @@
-"""``mnr train | eval | encode``: parse flags, call one plain function, report errors plainly."""
+"""``mnr train | eval | encode | mine | plot``: parse flags, call one plain function, report errors plainly."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
+from mnr.device import resolve_device
 from mnr.errors import MnrError
 
 TRAIN_EXAMPLES = """\
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune sentence-embedding models with Multiple Negatives Ranking loss, "
                     "and measure them on semantic textual similarity (STS).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # train eval encode plot
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_parser = commands.add_parser(
         "train", help="fine-tune a model", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,29 +52,65 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(train_parser)
 
     eval_parser = commands.add_parser(
-        "eval", help="STS Spearman/Pearson of one or more models, as a markdown table",
-        description="Correlation (x100) between the cosine similarity of each sentence pair and its gold score. "
-                    "Several models give one comparison table.")
+        "eval", help="STS correlation and retrieval quality of one or more models, as markdown tables",
+        description="STS: correlation (x100) between the cosine similarity of each sentence pair and its gold score. "
+                    "Retrieval: every judged query ranks the whole corpus by cosine similarity; NDCG@10, MRR@10, "
+                    "MAP@100, Recall@10, Recall@100 (x100, trec_eval definitions). Several models give one "
+                    "comparison table.")
     eval_parser.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub names")
     eval_parser.add_argument("--sts", nargs="+", metavar="FILE", help="STS files (sentence1, sentence2, score); "
-                             "default: sts/stsb_test.jsonl.gz under --data-dir")
-    eval_parser.add_argument("--data-dir", help="where relative --sts paths are looked up (default: $MNR_DATA_DIR)")
+                             "default, without --retrieval: sts/stsb_test.jsonl.gz under --data-dir")
+    eval_parser.add_argument("--retrieval", nargs="+", metavar="DIR[:SPLIT]", help="retrieval folders in BEIR's "
+                             "layout (corpus, queries, qrels), e.g. retrieval/scifact; a part of a split: "
+                             "DIR:SPLIT[START:STOP]")
+    eval_parser.add_argument("--split", default="test", help="the qrels split of --retrieval folders that name none "
+                             "(default: test)")
+    eval_parser.add_argument("--data-dir", help="where relative --sts/--retrieval paths are looked up "
+                             "(default: $MNR_DATA_DIR)")
     eval_parser.add_argument("--columns", default="", help="map the STS files' column names to ours: OURS=THEIRS,... "
                              "e.g. sentence1=text_a,sentence2=text_b,score=label")
-    eval_parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
-    eval_parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster on CPUs with "
-                             "AVX-512 BF16 and GPUs; scores move by about 0.01)")
+    _add_encoding_flags(eval_parser, "scores move by about 0.01")
 
     encode_parser = commands.add_parser(
         "encode", help="embed the lines of a text file into a .npy array",
-        description="Embed each line of a UTF-8 text file; row i of the (N, D) float32 array is line i.")
+        description="Embed each line of a UTF-8 text file; row i of the (N, D) float32 array is line i. The file "
+                    "is read and embedded in blocks, so its size is not bounded by memory.")
     encode_parser.add_argument("model", metavar="MODEL", help="model directory or hub name")
     encode_parser.add_argument("--input", required=True, metavar="FILE.txt", help="one text per line")
     encode_parser.add_argument("--output", required=True, metavar="FILE.npy", help="where to write the embeddings")
-    encode_parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
     encode_parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
-    encode_parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (faster on CPUs "
-                               "with AVX-512 BF16 and GPUs; cosines move by about 1e-4)")
+    _add_encoding_flags(encode_parser, "cosines move by about 1e-4")
+
+    mine_parser = commands.add_parser(
+        "mine", help="mine hard negatives for (anchor, positive) rows from a corpus",
+        description="For each (anchor, positive) row, rank the corpus with MODEL and write the best-ranked passages "
+                    "that are not positives of the anchor as negatives: (anchor, positive, negative_1 .. negative_k) "
+                    "rows, which mnr train takes as they are. Rows that find fewer than k negatives are left out "
+                    "and counted.")
+    mine_parser.add_argument("model", metavar="MODEL", help="model directory or hub name that ranks the candidates")
+    mine_parser.add_argument("--data", required=True, nargs="+", metavar="SPEC", help="rows to mine for: pairs files "
+                             "(anchor, positive) or retrieval folders DIR[:SPLIT][[START:STOP]] (their judged pairs)")
+    mine_parser.add_argument("--corpus", metavar="SPEC", help="where negatives come from: a retrieval folder (its "
+                             "corpus), a corpus file (_id, title, text or a text column; .jsonl/.csv/.tsv/.parquet) "
+                             "or a .txt file (one passage per line); default: the distinct positives of --data")
+    mine_parser.add_argument("--output", required=True, metavar="FILE", help=".jsonl, .csv or .tsv (optionally .gz)")
+    mine_parser.add_argument("--columns", default="", help="map --data column names to ours, e.g. "
+                             "anchor=question,positive=answer")
+    mine_parser.add_argument("--data-dir", help="where relative paths are looked up (default: $MNR_DATA_DIR)")
+    mine_parser.add_argument("--num-negatives", type=int, default=3, help="negatives per row (default: 3)")
+    mine_parser.add_argument("--range-min", type=int, default=0, help="skip this many of the best-ranked "
+                             "candidates (likely false negatives; default: 0)")
+    mine_parser.add_argument("--range-max", type=int, default=100, help="consider candidates up to this rank "
+                             "(default: 100)")
+    mine_parser.add_argument("--absolute-margin", type=float, help="keep a candidate only if its score is at least "
+                             "this much below the anchor's lowest positive score")
+    mine_parser.add_argument("--relative-margin", type=float, help="keep a candidate only if its score is at most "
+                             "(1 - this) x the positive score, e.g. 0.05")
+    mine_parser.add_argument("--max-score", type=float, help="keep a candidate only if its score is at most this")
+    mine_parser.add_argument("--sampling", choices=["top", "random"], default="top",
+                             help="top: the best remaining candidates; random: a seeded sample of them")
+    mine_parser.add_argument("--seed", type=int, default=0, help="for --sampling random (default: 0)")
+    _add_encoding_flags(mine_parser, "scores move by about 1e-4")
 
     plot_parser = commands.add_parser(
         "plot", help="draw the training curves of one or more runs (overlaid) into a PNG",
@@ -90,13 +127,20 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars around our own output
     try:
-        return {"train": _train, "eval": _eval, "encode": _encode, "plot": _plot}[args.command](args)
+        return {"train": _train, "eval": _eval, "encode": _encode, "mine": _mine, "plot": _plot}[args.command](args)
     except MnrError as e:
         print(f"mnr {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"mnr {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _add_encoding_flags(parser: argparse.ArgumentParser, bf16_effect: str) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--bf16", action="store_true", help=f"encode under bf16 autocast (faster where the device "
+                        f"computes bf16 natively; {bf16_effect})")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,57 +198,189 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mnr.data import STS_COLUMNS_HINT, data_dir, load_sts, parse_column_map, resolve_path, short_name
+    from mnr.data import (
+        STS_COLUMNS_HINT,
+        data_dir,
+        is_retrieval_spec,
+        load_sts,
+        parse_column_map,
+        resolve_path,
+        short_name,
+        split_spec,
+    )
     from mnr.errors import ConfigError
     from mnr.evaluate import comparison_table, evaluate_sts
     from mnr.model import SentenceEncoder
+    from mnr.retrieval import METRICS, RetrievalEvaluator, load_retrieval
 
+    device = resolve_device(args.device)
     root = data_dir(args.data_dir)
     if args.sts:
         specs = args.sts
+    elif args.retrieval:
+        specs = []
     elif root is not None:
         specs = ["sts/stsb_test.jsonl.gz"]
     else:
         raise ConfigError("--sts: no STS file given (and no --data-dir / $MNR_DATA_DIR to find stsb_test in)")
     column_map = parse_column_map(args.columns)
-    sets = {short_name(spec): load_sts(resolve_path(spec, root), column_map, hint=STS_COLUMNS_HINT) for spec in specs}
-    results = {}
-    for name in args.models:
-        encoder = SentenceEncoder.load(name)
-        results[name] = {set_name: evaluate_sts(encoder, examples, args.batch_size, bf16=args.bf16)
-                         for set_name, examples in sets.items()}
-    print(comparison_table(results))
+    sts_sets = {short_name(spec): load_sts(resolve_path(spec, root), column_map, hint=STS_COLUMNS_HINT)
+                for spec in specs}
+    retrieval_sets = {}
+    for spec in args.retrieval or []:
+        if not is_retrieval_spec(spec, root):
+            raise ConfigError(f"--retrieval {spec}: no such folder" + ("" if root else " (relative paths are also "
+                              "looked up under --data-dir / $MNR_DATA_DIR)"))
+        data = load_retrieval(resolve_path(spec, root), default_split=args.split)
+        folder, split, part = split_spec(spec)
+        name = f"{Path(folder).name}:{split or args.split}" + (f"[{part}]" if part else "")
+        note = f", {data.skipped} without a relevant passage skipped" if data.skipped else ""
+        print(f"{name}: {len(data.queries):,} queries, {len(data.passages):,} passages{note}", file=sys.stderr)
+        retrieval_sets[name] = RetrievalEvaluator(data, name=name)
+    sts_results, retrieval_results = {}, {}
+    for model in args.models:
+        encoder = SentenceEncoder.load(model, device=device)
+        sts_results[model] = {name: evaluate_sts(encoder, examples, args.batch_size, bf16=args.bf16)
+                              for name, examples in sts_sets.items()}
+        retrieval_results[model] = {name: evaluator(encoder, batch_size=args.batch_size, bf16=args.bf16)
+                                    for name, evaluator in retrieval_sets.items()}
+    tables = [comparison_table(sts_results)] if sts_sets else []
+    tables += [comparison_table(retrieval_results, METRICS)] if retrieval_sets else []
+    print("\n\n".join(tables))
     return 0
 
 
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mnr.data import not_utf8
-    from mnr.errors import DataError
     from mnr.model import SentenceEncoder
 
-    try:
-        texts = Path(args.input).read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise not_utf8(Path(args.input)) from None
-    except OSError as e:
-        raise DataError(f"{args.input}: cannot read: {e.strerror or e}") from None
-    while texts and not texts[-1].strip():  # blank lines at the end of a file are not texts
-        texts.pop()
-    for line_no, text in enumerate(texts, start=1):
-        if not text.strip():
-            raise DataError(f"{args.input}:{line_no}: empty line (every line is a text to embed)")
-    if not texts:
-        raise DataError(f"{args.input}: empty file")
-    encoder = SentenceEncoder.load(args.model)
-    embeddings = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize, bf16=args.bf16)
+    device = resolve_device(args.device)
+    source = Path(args.input)
+    count = _count_texts(source)
+    encoder = SentenceEncoder.load(args.model, device=device)
     output = Path(args.output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, embeddings)
-    tmp.replace(output)  # atomic: never a half-written array at --output
-    print(f"{output}: {embeddings.shape[0]} x {embeddings.shape[1]} float32")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, encoder.dim))
+        row = 0
+        for block in _text_blocks(source, count):
+            array[row : row + len(block)] = encoder.encode(block, batch_size=args.batch_size,
+                                                           normalize=args.normalize, bf16=args.bf16)
+            row += len(block)
+        array.flush()
+        del array
+        tmp.replace(output)  # atomic: never a half-written array at --output
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{output}: {count} x {encoder.dim} float32")
     return 0
+
+
+ENCODE_BLOCK = 65536  # texts read, sorted by length and embedded at a time: bounds memory, keeps batches tight
+
+
+def _count_texts(path: Path) -> int:
+    """The number of texts of a file of one text per line (blank lines at the end are not texts); a blank line
+    between texts, bad UTF-8 or an empty file is an error naming the line."""
+    from mnr.data import not_utf8
+    from mnr.errors import DataError
+
+    count = blank_since = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    blank_since = blank_since or line_no
+                    continue
+                if blank_since:
+                    raise DataError(f"{path}:{blank_since}: empty line (every line is a text to embed)")
+                count += 1
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not count:
+        raise DataError(f"{path}: empty file")
+    return count
+
+
+def _text_blocks(path: Path, count: int):
+    """The first ``count`` lines of ``path``, ``ENCODE_BLOCK`` at a time (the file was checked by ``_count_texts``)."""
+    block: list[str] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for _, line in zip(range(count), f, strict=False):
+            block.append(line.rstrip("\r\n"))
+            if len(block) == ENCODE_BLOCK:
+                yield block
+                block = []
+    if block:
+        yield block
+
+
+def _mine(args: argparse.Namespace) -> int:
+    from mnr.data import (
+        RANKING,
+        data_dir,
+        format_of,
+        is_retrieval_spec,
+        load_training_set,
+        parse_column_map,
+        resolve_path,
+        split_spec,
+        write_rows,
+    )
+    from mnr.errors import DataError
+    from mnr.mine import MiningSettings, mine
+    from mnr.model import SentenceEncoder
+    from mnr.retrieval import load_corpus
+
+    settings = MiningSettings(args.num_negatives, args.range_min, args.range_max, args.absolute_margin,
+                              args.relative_margin, args.max_score, args.sampling, args.seed)
+    device = resolve_device(args.device)
+    root = data_dir(args.data_dir)
+    output = Path(args.output)
+    format_of(output)  # a file type we can write, before any work
+    data = load_training_set([resolve_path(spec, root) for spec in args.data], wants=RANKING,
+                             column_map=parse_column_map(args.columns))
+    rows = [(row[0], row[1]) for row in data.rows]
+    if args.corpus is None:
+        corpus = list(dict.fromkeys(text for row in data.rows for text in row[1:]))
+    elif is_retrieval_spec(args.corpus, root):
+        corpus = load_corpus(Path(split_spec(resolve_path(args.corpus, root))[0]))[1]
+    else:
+        corpus = _corpus_file(resolve_path(args.corpus, root))
+    encoder = SentenceEncoder.load(args.model, device=device)
+    print(f"mining {settings.num_negatives} negatives for {len(rows):,} rows ({len({a for a, _ in rows}):,} anchors) "
+          f"from {len(corpus):,} passages", file=sys.stderr)
+    mined = mine(encoder, rows, corpus, settings, batch_size=args.batch_size, bf16=args.bf16)
+    if not mined.rows:
+        raise DataError(f"no row found {settings.num_negatives} negatives that pass the filters; lower "
+                        "--num-negatives or the margins, or raise --range-max")
+    columns = ("anchor", "positive", *(f"negative_{i}" for i in range(1, settings.num_negatives + 1)))
+    write_rows(output, columns, mined.rows)
+    skipped = "".join(f"; {n:,} candidates removed by --{k.replace('_', '-')}" for k, n in mined.skipped.items())
+    print(f"{output}: {len(mined.rows):,} rows with {settings.num_negatives} negatives each; {mined.short:,} rows "
+          f"found fewer and were left out{skipped}; mean score of positives {mined.positive_mean:.3f}, of the "
+          f"negatives written {mined.negative_mean:.3f}")
+    return 0
+
+
+def _corpus_file(spec: str) -> list[str]:
+    """Passages of a corpus file: .txt one per line; else records with title + text (BEIR) or text."""
+    from mnr.data import read_records
+    from mnr.errors import DataError
+
+    path = Path(spec)
+    if path.name.lower().removesuffix(".gz").endswith(".txt"):
+        return [text for block in _text_blocks(path, _count_texts(path)) for text in block]
+    passages = []
+    for where, record in read_records(spec):
+        text = f"{record.get('title') or ''} {record.get('text') or ''}".strip()
+        if not text:
+            raise DataError(f"{where}: no text (a corpus record has a text column, optionally a title)")
+        passages.append(text)
+    return passages
 
 
 def _plot(args: argparse.Namespace) -> int:

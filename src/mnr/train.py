@@ -27,7 +27,15 @@ from mnr import cache, distributed, rundir
 from mnr.batching import epoch_batches
 from mnr.card import RunFacts, hardware, model_card, read_license
 from mnr.config import TrainConfig
-from mnr.data import TrainingSet, data_dir, load_sts, load_training_set, parse_column_map, resolve_path
+from mnr.data import (
+    TrainingSet,
+    data_dir,
+    is_retrieval_spec,
+    load_sts,
+    load_training_set,
+    parse_column_map,
+    resolve_path,
+)
 from mnr.device import choose_bf16, resolve_device
 from mnr.dropout import use_fast_dropout
 from mnr.errors import ConfigError, Stopped, TrainingError
@@ -84,6 +92,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'mnr[tensorboard]'")
     root = data_dir(config.data_dir)
     evaluators = dev_evaluators(config, root)
+    best_metric(config, evaluators)  # a metric the dev set does not have fails now
     if data is None:
         if not config.data:
             raise ConfigError("--data: no training files given")
@@ -100,7 +109,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     torch.manual_seed(config.seed)  # the loss's own initialisation (the softmax classifier)
     if encoder is None:
         encoder = SentenceEncoder.load(config.model, pooling=config.pooling or None,
-                                       max_seq_length=config.max_seq_length, packed=config.packing)
+                                       max_seq_length=config.max_seq_length, packed=config.packing, device=device)
     encoder.to(device)
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
@@ -130,11 +139,30 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
 
 
 def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
-    """The dev sets the config names, loaded (and checked) now."""
+    """The dev sets the config names, loaded (and checked) now; the one best/ is chosen by first."""
     evaluators: list[Evaluator] = []
     if config.sts_dev:
         evaluators.append(STSEvaluator(load_sts(resolve_path(config.sts_dev, root)), name="sts_dev"))
-    return evaluators
+    if config.ir_dev:
+        from mnr.retrieval import RetrievalEvaluator, load_retrieval
+
+        if not is_retrieval_spec(config.ir_dev, root):
+            raise ConfigError(f"--ir-dev {config.ir_dev}: not a retrieval folder (DIR[:SPLIT][[START:STOP]])")
+        data = load_retrieval(resolve_path(config.ir_dev, root), default_split="dev")
+        evaluators.append(RetrievalEvaluator(data, name="ir_dev"))
+    chosen = config.best_metric.split(":")[0]
+    return sorted(evaluators, key=lambda e: e.name != chosen) if chosen else evaluators
+
+
+def best_metric(config: TrainConfig, evaluators: list[Evaluator]) -> tuple[str, str] | None:
+    """(dev set, metric) that best/ is chosen by: --best-metric, else the first dev set's headline metric."""
+    if not evaluators:
+        return None
+    metric = config.best_metric.partition(":")[2] or evaluators[0].primary
+    if metric not in evaluators[0].metrics:
+        raise ConfigError(f"--best-metric: {evaluators[0].name} has no metric {metric!r} "
+                          f"(it has: {', '.join(evaluators[0].metrics)})")
+    return evaluators[0].name, metric
 
 
 def batches_of_epoch(data: TrainingSet, config: TrainConfig, epoch: int, rank: int = 0,
@@ -247,7 +275,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         torch.manual_seed(config.seed + s.rank)  # dropout: each process draws its own masks
     if main:
         run.start(config, position.step)
-    best = (s.evaluators[0].name, s.evaluators[0].primary) if s.evaluators else None
+    best = best_metric(config, s.evaluators)
     facts = RunFacts(config, s.data, type(s.objective).__name__, s.encoder.pooling, s.encoder.dim,
                      s.encoder.max_seq_length, s.encoder.normalize, s.world_size, total_steps,
                      data_dir(config.data_dir), read_license(s.encoder.source),

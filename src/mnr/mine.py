@@ -1,0 +1,148 @@
+"""Hard-negative mining: for each (anchor, positive) row, the corpus passages a model ranks highest
+for the anchor that are not among its positives, as (anchor, positive, negative_1 .. negative_k) rows.
+
+MNR learns most from negatives that are close to the anchor; the danger is a "negative" that is in
+fact relevant but unjudged (a false negative). The controls are those users know from
+sentence-transformers' ``mine_hard_negatives`` (and the NV-Retriever paper, Moreira et al. 2024):
+
+* ``range_min`` / ``range_max``: take candidates from ranks [range_min, range_max) of the ranking
+  (positives removed); skipping the very top avoids the likeliest false negatives;
+* ``absolute_margin``: keep a candidate only if its score is at least this much below the anchor's
+  lowest positive score; ``relative_margin``: at least this fraction of that score below it
+  (0.05: 95% of the positive score at most; NV-Retriever's best setting); ``max_score``: below this;
+* ``sampling``: "top" takes the k best remaining candidates, "random" k of them at random (seeded).
+
+An anchor's candidates exclude all its positives (every row with that anchor) and the anchor text
+itself. Rows for which fewer than k candidates pass are left out and counted, so that every
+written row has k negatives (a file's columns are fixed).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mnr.errors import ConfigError
+from mnr.model import SentenceEncoder
+from mnr.retrieval import encode_for_search, search
+
+
+@dataclass
+class MiningSettings:
+    num_negatives: int = 3
+    range_min: int = 0
+    range_max: int = 100
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    max_score: float | None = None
+    sampling: str = "top"  # "top" or "random"
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.num_negatives >= 1, "--num-negatives must be at least 1"),
+            (self.range_min >= 0, "--range-min must be >= 0"),
+            (self.range_max > self.range_min, "--range-max must be above --range-min"),
+            (self.range_max - self.range_min >= self.num_negatives,
+             "--range-max - --range-min must leave room for --num-negatives candidates"),
+            (self.sampling in ("top", "random"), "--sampling must be top or random"),
+            (self.relative_margin is None or 0 <= self.relative_margin < 1, "--relative-margin must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class Mined:
+    rows: list[tuple[str, ...]]  # (anchor, positive, negative_1 .. negative_k)
+    short: int  # input rows left out: fewer than k candidates passed the filters
+    skipped: dict[str, int] = field(default_factory=dict)  # candidates each filter removed
+    positive_mean: float = 0.0  # mean anchor-positive score
+    negative_mean: float = 0.0  # mean anchor-negative score of the written negatives
+
+
+@dataclass
+class Candidates:
+    """Every anchor's best-ranked corpus passages (its own positives and itself removed), best first,
+    with the scores ``select`` filters by: what mining costs, computed once for any number of settings."""
+
+    rows: list[tuple[str, str]]
+    ranked: dict[str, list[tuple[float, str]]]  # anchor -> [(score, passage)], best first
+    lowest_positive: dict[str, float]  # anchor -> its lowest positive score (margins are measured from it)
+    positive_mean: float
+
+
+def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str], depth: int,
+         batch_size: int = 64, bf16: bool = False, progress: bool = True) -> Candidates:
+    """Embed anchors, positives and corpus; keep each anchor's ``depth`` best non-positive passages."""
+    anchors = list(dict.fromkeys(anchor for anchor, _ in rows))
+    positives: dict[str, list[str]] = {}
+    for anchor, positive in rows:
+        positives.setdefault(anchor, []).append(positive)
+    corpus = list(dict.fromkeys(corpus))
+    position = {text: i for i, text in enumerate(corpus)}
+    outside = list(dict.fromkeys(p for ps in positives.values() for p in ps if p not in position))  # to score
+
+    anchor_emb = encode_for_search(encoder, anchors, batch_size, bf16, what="anchors" if progress else "")
+    corpus_emb = encode_for_search(encoder, corpus, batch_size, bf16, what="corpus" if progress else "")
+    outside_emb = encode_for_search(encoder, outside, batch_size, bf16) if outside else corpus_emb[:0]
+    outside_index = {text: i for i, text in enumerate(outside)}
+
+    def embedding(text: str) -> torch.Tensor:
+        return corpus_emb[position[text]] if text in position else outside_emb[outside_index[text]]
+
+    most_positives = max(len(ps) for ps in positives.values())
+    # room for the positives and the anchor itself, removed below
+    scores, indices = search(anchor_emb, corpus_emb, depth + most_positives + 1, encoder.device)
+    ranked, lowest, positive_scores = {}, {}, []
+    for a, anchor in enumerate(tqdm(anchors, desc="rank", unit="anchor", disable=not progress)):
+        own = set(positives[anchor]) | {anchor}
+        pos_scores = [float(anchor_emb[a] @ embedding(p)) for p in positives[anchor]]
+        positive_scores += pos_scores
+        lowest[anchor] = min(pos_scores)
+        ranked[anchor] = [(s, corpus[i]) for s, i in zip(scores[a].tolist(), indices[a].tolist(), strict=True)
+                          if corpus[i] not in own][:depth]
+    return Candidates(list(rows), ranked, lowest, sum(positive_scores) / len(positive_scores))
+
+
+def select(candidates: Candidates, settings: MiningSettings) -> Mined:
+    """The negatives ``settings`` take from ranked candidates: range, margins, max score, sampling."""
+    rng = random.Random(settings.seed)
+    negatives: dict[str, list[tuple[float, str]]] = {}
+    skipped = {"absolute_margin": 0, "relative_margin": 0, "max_score": 0}
+    for anchor, ranked in candidates.ranked.items():
+        lowest = candidates.lowest_positive[anchor]
+        kept = []
+        for score, text in ranked[settings.range_min : settings.range_max]:
+            if settings.absolute_margin is not None and score > lowest - settings.absolute_margin:
+                skipped["absolute_margin"] += 1
+            elif settings.relative_margin is not None and score > lowest - abs(lowest) * settings.relative_margin:
+                skipped["relative_margin"] += 1
+            elif settings.max_score is not None and score > settings.max_score:
+                skipped["max_score"] += 1
+            else:
+                kept.append((score, text))
+        if settings.sampling == "random" and len(kept) > settings.num_negatives:
+            kept = sorted(rng.sample(kept, settings.num_negatives), reverse=True)
+        negatives[anchor] = kept[: settings.num_negatives]
+    out, short, chosen = [], 0, []
+    for anchor, positive in candidates.rows:
+        found = negatives[anchor]
+        if len(found) < settings.num_negatives:
+            short += 1
+            continue
+        out.append((anchor, positive, *(text for _, text in found)))
+        chosen += [score for score, _ in found]
+    return Mined(out, short, {k: v for k, v in skipped.items() if v}, candidates.positive_mean,
+                 sum(chosen) / len(chosen) if chosen else 0.0)
+
+
+def mine(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str],
+         settings: MiningSettings, batch_size: int = 64, bf16: bool = False, progress: bool = True) -> Mined:
+    """Mine ``settings.num_negatives`` negatives from ``corpus`` for each (anchor, positive) of ``rows``."""
+    return select(rank(encoder, rows, corpus, settings.range_max, batch_size, bf16, progress), settings)

@@ -1,0 +1,351 @@
+"""Semantic search: BEIR folders, exact search, trec_eval metrics, training from judgements, mining."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mnr.cli import main
+from mnr.data import load_training_set
+from mnr.errors import DataError
+from mnr.mine import MiningSettings, mine
+from mnr.model import SentenceEncoder
+from mnr.retrieval import (
+    RetrievalEvaluator,
+    load_retrieval,
+    mean_metrics,
+    query_metrics,
+    search,
+)
+
+from .conftest import SENTENCES
+
+
+def write(path: Path, rows: list[dict], gz: bool = False) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+def beir_folder(root: Path, queries: int = 16, gz: bool = True, beir_qrels: bool = False) -> Path:
+    """A small retrieval folder: passage d{i} answers query q{i}; query q{i} also judges d{i+1} 0."""
+    folder = root / "mini"
+    (folder).mkdir()
+    suffix = ".jsonl.gz" if gz else ".jsonl"
+    passages = [{"_id": f"d{i}", "title": f"Title {i}", "text": SENTENCES[i % 24] + f" (passage {i})"}
+                for i in range(24)]
+    write(folder / f"corpus{suffix}", passages, gz)
+    write(folder / f"queries{suffix}", [{"_id": f"q{i}", "text": f"about {SENTENCES[i % 24].lower()}"}
+                                       for i in range(queries + 2)], gz)
+    train = [{"query_id": f"q{i}", "corpus_id": f"d{i}", "score": 1} for i in range(queries)]
+    train += [{"query_id": f"q{i}", "corpus_id": f"d{i + 1}", "score": 0} for i in range(queries)]
+    train += [{"query_id": f"q{queries}", "corpus_id": "d0", "score": 0}]  # judged, nothing relevant: skipped
+    if beir_qrels:
+        (folder / "qrels").mkdir()
+        with open(folder / "qrels" / "train.tsv", "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerow(["query-id", "corpus-id", "score"])
+            writer.writerows([(r["query_id"], r["corpus_id"], r["score"]) for r in train])
+    else:
+        write(folder / f"qrels_train{suffix}", train, gz)
+    write(folder / f"qrels_test{suffix}", [{"query_id": "q1", "corpus_id": "d1", "score": 2},
+                                           {"query_id": "q1", "corpus_id": "d7", "score": 1},
+                                           {"query_id": "q2", "corpus_id": "d2", "score": 1}], gz)
+    return folder
+
+
+# ------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize("layout", ["jsonl.gz", "jsonl", "beir-tsv-qrels"])
+def test_a_beir_folder_loads(tmp_path, layout):
+    folder = beir_folder(tmp_path, gz=layout == "jsonl.gz", beir_qrels=layout == "beir-tsv-qrels")
+    data = load_retrieval(f"{folder}:train")
+    assert len(data.passages) == 24 and data.passages[3] == f"Title 3 {SENTENCES[3]} (passage 3)"
+    assert list(data.queries) == [f"q{i}" for i in range(16)]
+    assert data.qrels["q5"] == {"d5": 1}  # the 0-judged d6 is not relevant
+    assert data.skipped == 1  # q16: judged, nothing relevant
+    test = load_retrieval(str(folder))  # the default split: test
+    assert test.qrels == {"q1": {"d1": 2, "d7": 1}, "q2": {"d2": 1}}
+
+
+def test_parts_of_a_split_are_disjoint_random_and_cover_it(tmp_path):
+    folder = beir_folder(tmp_path)
+    dev = load_retrieval(f"{folder}:train[:4]")
+    rest = load_retrieval(f"{folder}:train[4:]")
+    quarter = load_retrieval(f"{folder}:train[:25%]")
+    assert len(dev.queries) == 4 and len(rest.queries) == 12 and set(dev.queries) == set(quarter.queries)
+    assert not set(dev.queries) & set(rest.queries)
+    assert set(dev.queries) | set(rest.queries) == set(load_retrieval(f"{folder}:train").queries)
+    assert list(dev.queries) != ["q0", "q1", "q2", "q3"], "a part is a pseudo-random sample, not the first queries"
+    assert len(load_training_set([f"{folder}:train[4:]"]).rows) == 12
+
+
+BAD = {
+    "unknown query id": ("qrels_train.jsonl", [{"query_id": "q99", "corpus_id": "d1", "score": 1}],
+                         r"qrels_train.jsonl:1: unknown query id 'q99'"),
+    "unknown passage id": ("qrels_train.jsonl", [{"query_id": "q1", "corpus_id": "d1", "score": 1},
+                                                 {"query_id": "q1", "corpus_id": "nope", "score": 1}],
+                           r"qrels_train.jsonl:2: unknown passage id 'nope'"),
+    "empty corpus": ("corpus.jsonl", [], r"corpus.jsonl: empty"),
+    "passage with no text": ("corpus.jsonl", [{"_id": "d0", "title": "T", "text": "x"},
+                                              {"_id": "d1", "title": "", "text": "  "}],
+                             r"corpus.jsonl:2: passage 'd1' has no text"),
+    "duplicate passage ids": ("corpus.jsonl", [{"_id": "d1", "title": "", "text": "a"},
+                                               {"_id": "d2", "title": "", "text": "b"},
+                                               {"_id": "d1", "title": "", "text": "c"}],
+                              r"corpus.jsonl:3: duplicate passage id 'd1' \(first at 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_retrieval_data_names_the_file_and_line(tmp_path, case):
+    folder = beir_folder(tmp_path, gz=False)
+    name, rows, message = BAD[case]
+    write(folder / name, rows)
+    with pytest.raises(DataError, match=message):
+        load_retrieval(f"{folder}:train")
+
+
+def test_a_split_without_qrels(tmp_path, capsys, tiny_model_dir):
+    folder = beir_folder(tmp_path)
+    with pytest.raises(DataError, match=r"mini: no qrels for split 'dev' \(found: test, train; expected "
+                                        r"qrels_dev.jsonl\[.gz\] or qrels/dev.tsv\)"):
+        load_retrieval(f"{folder}:dev")
+    assert main(["eval", str(tiny_model_dir), "--retrieval", f"{folder}:dev"]) == 2
+    assert "no qrels for split 'dev'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ metrics and search
+
+
+def test_metrics_equal_trec_eval():
+    """Against pytrec_eval (trec_eval itself), on random rankings with graded and zero judgements."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = random.Random(0)
+    qrels, run = {}, {}
+    for q in range(60):
+        docs = [f"d{i}" for i in rng.sample(range(400), 150)]
+        judged = rng.sample(docs[:60], rng.randint(1, 8)) + rng.sample([f"d{i}" for i in range(400, 420)], 1)
+        qrels[f"q{q}"] = {d: rng.choice([0, 1, 1, 2, 3]) for d in judged}
+        if not any(qrels[f"q{q}"].values()):
+            qrels[f"q{q}"][judged[0]] = 1
+        run[f"q{q}"] = {d: 1.0 - i / 1000 for i, d in enumerate(docs[:100])}  # distinct scores: no ties
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "map_cut_100", "recall_10", "recall_100"})
+    theirs = evaluator.evaluate(run)
+    top10 = {q: dict(list(docs.items())[:10]) for q, docs in run.items()}
+    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    for q in qrels:
+        ours = query_metrics(list(run[q]), {d: s for d, s in qrels[q].items() if s > 0})
+        assert ours["ndcg@10"] == pytest.approx(theirs[q]["ndcg_cut_10"], abs=1e-9)
+        assert ours["map@100"] == pytest.approx(theirs[q]["map_cut_100"], abs=1e-9)
+        assert ours["recall@10"] == pytest.approx(theirs[q]["recall_10"], abs=1e-9)
+        assert ours["recall@100"] == pytest.approx(theirs[q]["recall_100"], abs=1e-9)
+        assert ours["mrr@10"] == pytest.approx(mrr[q]["recip_rank"], abs=1e-9)
+    means = mean_metrics({q: list(docs) for q, docs in run.items()},
+                         {q: {d: s for d, s in j.items() if s > 0} for q, j in qrels.items()})
+    assert means["ndcg@10"] == pytest.approx(100 * np.mean([t["ndcg_cut_10"] for t in theirs.values()]))
+
+
+@pytest.mark.parametrize("query_chunk, passage_chunk", [(1024, 32768), (7, 13), (1, 5)])
+def test_search_in_chunks_is_exact(query_chunk, passage_chunk):
+    torch.manual_seed(0)
+    queries, passages = torch.randn(30, 16), torch.randn(200, 16)
+    scores, indices = search(queries, passages, 17, query_chunk=query_chunk, passage_chunk=passage_chunk)
+    full = queries @ passages.T
+    expected_scores, expected = full.topk(17, dim=1)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(scores, expected_scores)
+    assert search(queries, passages[:5], 17)[1].shape == (30, 5)  # k above the corpus size: the whole corpus
+
+
+def test_the_evaluator_ranks_the_whole_corpus(tmp_path, tiny_encoder):
+    folder = beir_folder(tmp_path)
+    data = load_retrieval(f"{folder}:train")
+    got = RetrievalEvaluator(data)(tiny_encoder)
+    q = tiny_encoder.encode(list(data.queries.values()), normalize=True)
+    p = tiny_encoder.encode(data.passages, normalize=True)
+    order = np.argsort(-(q @ p.T), axis=1, kind="stable")
+    rankings = {qid: [data.passage_ids[i] for i in order[n][:100]] for n, qid in enumerate(data.queries)}
+    expected = mean_metrics(rankings, data.qrels)
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert got[name] == pytest.approx(expected[name], abs=1e-6)
+
+
+def test_mnr_eval_prints_a_retrieval_table(tmp_path, tiny_model_dir, no_dropout_model, capsys):
+    folder = beir_folder(tmp_path)
+    assert main(["eval", str(tiny_model_dir), str(no_dropout_model), "--retrieval", str(folder),
+                 f"{folder}:train[:8]", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0] == ("| model | mini:test NDCG@10 | mini:test MRR@10 | mini:test MAP@100 | mini:test Recall@10 | "
+                        "mini:test Recall@100 | mini:train[:8] NDCG@10 | mini:train[:8] MRR@10 | mini:train[:8] "
+                        "MAP@100 | mini:train[:8] Recall@10 | mini:train[:8] Recall@100 |")
+    assert len(lines) == 4 and lines[2].startswith(f"| {tiny_model_dir} | ")
+    assert lines[3].startswith(f"| {no_dropout_model} | ") and len(lines[3].split("|")) == 13
+    assert "mini:train: 8 queries" not in captured.err and "mini:train[:8]: 8 queries, 24 passages" in captured.err
+
+
+@pytest.mark.skipif(not os.environ.get("MNR_LONG_TESTS"), reason="embeds 5,183 abstracts: about 5 minutes on 2 CPU "
+                    "cores; run with MNR_LONG_TESTS=1 (the figure is in BENCHMARKS.md, Retrieval)")
+def test_zero_shot_scifact_matches_the_published_figure(packaged_model, data_root, capsys):
+    """64.51 is MTEB's NDCG@10 for all-MiniLM-L6-v2 on SciFact (BEIR) test."""
+    assert main(["eval", "sentence-transformers/all-MiniLM-L6-v2", "--retrieval", "retrieval/scifact",
+                 "--data-dir", str(data_root)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    ndcg, recall100 = float(row.split("|")[2]), float(row.split("|")[6])
+    assert abs(ndcg - 64.51) <= 0.3, row
+    assert abs(recall100 - 92.50) <= 0.5, row
+
+
+# ------------------------------------------------------------------ training from judgements
+
+
+def test_train_on_judgements_with_a_retrieval_dev_set(tmp_path, tiny_model_dir, capsys):
+    folder = beir_folder(tmp_path)
+    output = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", f"{folder}:train[4:]", "--ir-dev",
+                 f"{folder}:train[:4]", "--output", str(output), "--batch-size", "4", "--eval-steps", "2",
+                 "--max-seq-length", "32", "--lr", "1e-3"]) == 0
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    evaluations = [e for e in log if "ir_dev" in e]
+    assert [e["step"] for e in evaluations] == [0, 2, 3]
+    assert set(evaluations[0]["ir_dev"]) == {"ndcg@10", "mrr@10", "map@100", "recall@10", "recall@100"}
+    best = max(evaluations, key=lambda e: e["ir_dev"]["ndcg@10"])
+    assert f"(ir_dev ndcg@10 {best['ir_dev']['ndcg@10']:.2f} at step " in capsys.readouterr().out
+    assert "| ir_dev ndcg@10 |" in (output / "best" / "README.md").read_text()
+
+
+def test_best_metric_chooses_what_best_keeps(tmp_path, tiny_model_dir, sts_file, capsys):
+    folder = beir_folder(tmp_path)
+    common = ["train", "--model", str(tiny_model_dir), "--data", f"{folder}:train[4:]", "--ir-dev",
+              f"{folder}:train[:4]", "--sts-dev", str(sts_file), "--batch-size", "4", "--max-seq-length", "32"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--best-metric", "ir_dev:recall@10"]) == 0
+    assert "(ir_dev recall@10 " in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "b")]) == 0
+    assert "(sts_dev spearman " in capsys.readouterr().out  # the first dev set given
+    assert main([*common, "--output", str(tmp_path / "c"), "--best-metric", "ir_dev:ndcg@5"]) == 2
+    assert "--best-metric: ir_dev has no metric 'ndcg@5'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ mining
+
+
+@pytest.fixture
+def qa_pairs(tmp_path) -> Path:
+    rows = [{"anchor": f"question about {SENTENCES[i].lower()}", "positive": SENTENCES[i]} for i in range(24)]
+    rows.append({"anchor": "question about " + SENTENCES[0].lower(), "positive": SENTENCES[0] + " Indeed."})
+    return write(tmp_path / "qa.jsonl", rows)
+
+
+def scores_of(encoder, anchor, texts):
+    a = encoder.encode([anchor], normalize=True)
+    return (encoder.encode(texts, normalize=True) @ a.T).ravel()
+
+
+def test_mined_negatives_are_the_best_ranked_non_positives(tiny_encoder, qa_pairs):
+    data = load_training_set([str(qa_pairs)])
+    rows = [(a, p) for a, p in data.rows]
+    corpus = SENTENCES + [f"extra passage {i}" for i in range(10)]
+    mined = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=3), progress=False)
+    assert mined.short == 0 and len(mined.rows) == len(rows)
+    for anchor, _, *negatives in mined.rows:
+        own = {p for a, p in rows if a == anchor} | {anchor}
+        assert not own & set(negatives) and len(set(negatives)) == 3
+        candidates = [t for t in dict.fromkeys(corpus) if t not in own]
+        scores = scores_of(tiny_encoder, anchor, candidates)
+        expected = [candidates[i] for i in np.argsort(-scores, kind="stable")[:3]]
+        assert negatives == expected
+    # both rows of the anchor with two positives get the same negatives, and neither positive is one
+    first = [r for r in mined.rows if r[0] == rows[0][0]]
+    assert len(first) == 2 and first[0][2:] == first[1][2:]
+
+
+def test_mining_filters_range_and_margins(tiny_encoder, qa_pairs):
+    rows = [tuple(r) for r in load_training_set([str(qa_pairs)]).rows]
+    corpus = SENTENCES + [f"extra passage {i}" for i in range(10)]
+    top = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2), progress=False)
+    skipped = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, range_min=2), progress=False)
+    for a, b in zip(top.rows, skipped.rows, strict=True):
+        assert not set(a[2:]) & set(b[2:])  # the two best are skipped
+    margin = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, absolute_margin=0.05), progress=False)
+    relative = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0.1), progress=False)
+    for mined, ok in ((margin, lambda s, low: s <= low - 0.05 + 1e-6),
+                      (relative, lambda s, low: s <= low - abs(low) * 0.1 + 1e-6)):
+        for anchor, _, *negatives in mined.rows:
+            low = min(scores_of(tiny_encoder, anchor, [p for a, p in rows if a == anchor]))
+            assert all(ok(s, low) for s in scores_of(tiny_encoder, anchor, negatives))
+    capped = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, max_score=-2.0), progress=False)
+    assert capped.rows == [] and capped.short == len(rows) and capped.skipped["max_score"] > 0
+    a = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, sampling="random", seed=3), progress=False)
+    b = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, sampling="random", seed=3), progress=False)
+    assert a.rows == b.rows and a.rows != top.rows
+
+
+def test_mnr_mine_writes_rows_mnr_train_takes(tmp_path, tiny_model_dir, capsys):
+    folder = beir_folder(tmp_path)
+    output = tmp_path / "mined.jsonl"
+    assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--corpus", str(folder), "--output",
+                 str(output), "--num-negatives", "4", "--range-max", "12", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert list(rows[0]) == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "negative_4"]
+    assert f"{output}: {len(rows)} rows with 4 negatives each; 0 rows found fewer" in out
+    data = load_retrieval(f"{folder}:train")
+    texts = dict(zip(data.passage_ids, data.passages, strict=True))
+    for row in rows:
+        query = next(q for q, text in data.queries.items() if text == row["anchor"])
+        relevant = {texts[p] for p in data.qrels[query]}
+        assert row["positive"] in relevant and not relevant & {row[f"negative_{i}"] for i in range(1, 5)}
+    training = load_training_set([str(output)])
+    assert training.columns == ("anchor", "positive", "negative", "negative", "negative", "negative")
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(output), "--output", str(tmp_path / "run"),
+                 "--batch-size", "2", "--max-seq-length", "32"]) == 0
+
+
+def test_mnr_mine_counts_rows_left_out(tmp_path, tiny_model_dir, qa_pairs, capsys):
+    """A --max-score that about half of the anchors have fewer than 3 candidates under."""
+    encoder = SentenceEncoder.load(str(tiny_model_dir))
+    rows = load_training_set([str(qa_pairs)]).rows
+    corpus = list(dict.fromkeys(p for _, p in rows))
+    third_lowest = [sorted(scores_of(encoder, a, [c for c in corpus if c not in {p for b, p in rows if b == a}]))[2]
+                    for a in dict.fromkeys(a for a, _ in rows)]
+    output = tmp_path / "mined.csv"
+    assert main(["mine", str(tiny_model_dir), "--data", str(qa_pairs), "--output", str(output), "--num-negatives",
+                 "3", "--max-score", str(float(np.median(third_lowest))), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    written = list(csv.reader(output.open()))
+    left_out = int(out.split("rows with 3 negatives each; ")[1].split()[0])
+    assert len(written) - 1 + left_out == 25 and 0 < left_out < 25
+    assert written[0] == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+
+
+def test_mnr_mine_bad_settings(tmp_path, tiny_model_dir, qa_pairs, capsys):
+    assert main(["mine", str(tiny_model_dir), "--data", str(qa_pairs), "--output", str(tmp_path / "x.jsonl"),
+                 "--range-max", "2", "--num-negatives", "3"]) == 2
+    assert "--range-max - --range-min must leave room for --num-negatives" in capsys.readouterr().err
+    assert main(["mine", str(tiny_model_dir), "--data", str(qa_pairs), "--output", str(tmp_path / "x.xlsx")]) == 2
+    assert "unknown file type" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_device_auto_is_the_cpu_here_and_unknown_devices_are_refused(tiny_model_dir, capsys):
+    encoder = SentenceEncoder.load(str(tiny_model_dir))
+    assert encoder.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert main(["eval", str(tiny_model_dir), "--sts", "x.jsonl", "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert main(["encode", str(tiny_model_dir), "--input", "x.txt", "--output", "y.npy", "--device", "tpu"]) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
