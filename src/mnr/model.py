@@ -88,6 +88,7 @@ class SentenceEncoder(nn.Module):
         self.normalize = normalize
         self.lowercase = lowercase
         self.packed = False
+        self.jagged: bool | None = None  # packed attention as one variable-length batch (None: on CUDA only)
         self.source: Path | None = None  # the directory it was loaded from, if any
 
     def enable_packing(self) -> bool:
@@ -114,7 +115,7 @@ class SentenceEncoder(nn.Module):
     def forward(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token id lists -> (N, D) embeddings in one forward pass: packed if possible, else padded."""
         if self.packed:
-            hidden, mask = packing.forward_packed(self.transformer, id_lists)
+            hidden, mask = packing.forward_packed(self.transformer, id_lists, jagged=self.jagged)
             return self.pool(hidden, mask)
         batch = pad_ids(id_lists, self.pad_id)
         return self.forward_padded(**{k: v.to(self.device) for k, v in batch.items()})
@@ -202,7 +203,7 @@ class SentenceEncoder(nn.Module):
             chunk = order[start : start + batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeddings = self([ids[i] for i in chunk]).float()
-            out.index_copy_(0, torch.tensor(chunk, device=device), embeddings)
+            out.index_copy_(0, packing.to_device(torch.tensor(chunk), device), embeddings)
         self.train(was_training)
         if normalize:
             out = F.normalize(out, p=2, dim=-1)

@@ -12,10 +12,20 @@ function). Our attention function gathers the queries/keys/values of texts of si
 small padded blocks, runs SDPA there with a key mask, and scatters the result back. Attention is a
 few percent of the FLOPs for short texts, so padding just that step costs little; every other layer
 runs unpadded. Calls without the plan (ordinary padded batches) go to transformers' SDPA unchanged.
+
+Two plans, one per kind of device:
+
+* on CPU, texts of similar length are padded into a few blocks ("buckets") that SDPA runs on, and
+  the packed length is rounded up with filler tokens (oneDNN's kernel cache, see LENGTH_MULTIPLE);
+* on CUDA, one variable-length attention per layer over all texts: the packed rows are viewed as a
+  nested (jagged) tensor that SDPA hands to the fused flash / memory-efficient kernels, attention
+  dropout included; no filler, no Python loop, and the layout is built on the host and copied
+  without waiting for the GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,27 +50,40 @@ PACKABLE = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}
 LENGTH_MULTIPLE = 64
 
 
-def pack(id_lists: Sequence[Sequence[int]], position_offset: int, device: torch.device) -> dict[str, torch.Tensor]:
+def pack(id_lists: Sequence[Sequence[int]], position_offset: int, device: torch.device,
+         multiple: int = LENGTH_MULTIPLE) -> dict:
     """Concatenate token id lists into the inputs of one packed forward.
 
-    Returns input_ids and position_ids of shape (1, T'), T' the total length rounded up to
-    ``LENGTH_MULTIPLE``, and the cumulative boundaries ``cu_seq_lens`` (N + 1,) in the
-    flash-attention convention: text i is tokens ``cu_seq_lens[i]:cu_seq_lens[i + 1]``; tokens
-    from ``cu_seq_lens[-1]`` on are filler.
+    Returns input_ids and position_ids of shape (1, T') on ``device``, T' the total length rounded
+    up to ``multiple``; the cumulative boundaries ``cu_seq_lens`` (N + 1,) in the flash-attention
+    convention (text i is tokens ``cu_seq_lens[i]:cu_seq_lens[i + 1]``; tokens from
+    ``cu_seq_lens[-1]`` on are filler), on the device and as a host list ``cu_host``; and the
+    longest and shortest text. Everything is computed on the host; copies to a GPU are from pinned
+    memory and do not wait for the GPU.
     """
-    lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int32)
-    cu_seq_lens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    total = int(cu_seq_lens[-1])
-    filler = -total % LENGTH_MULTIPLE
+    lengths = [len(ids) for ids in id_lists]
+    cu_host = [0, *itertools.accumulate(lengths)]
+    total = cu_host[-1]
+    filler = -total % multiple
     input_ids = torch.tensor([t for ids in id_lists for t in ids] + [0] * filler, dtype=torch.long)
-    starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), lengths.long())
-    position_ids = torch.cat([torch.arange(total) - starts, torch.zeros(filler, dtype=torch.long)]) + position_offset
+    position_ids = torch.tensor([offset for n in lengths for offset in range(n)] + [0] * filler,
+                                dtype=torch.long) + position_offset
+    cu_seq_lens = torch.tensor(cu_host, dtype=torch.int64)
     return {
-        "input_ids": input_ids.unsqueeze(0).to(device),
-        "position_ids": position_ids.unsqueeze(0).to(device),
-        "cu_seq_lens": cu_seq_lens.to(device),
-        "max_length": int(lengths.max()),
+        "input_ids": to_device(input_ids.unsqueeze(0), device),
+        "position_ids": to_device(position_ids.unsqueeze(0), device),
+        "cu_seq_lens": to_device(cu_seq_lens, device),
+        "cu_host": cu_host,
+        "max_length": max(lengths),
+        "min_length": min(lengths),
     }
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, asynchronously (no wait for the GPU)."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def padding_index(cu_seq_lens: torch.Tensor, max_length: int, pad_row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +137,27 @@ def plan_buckets(cu_seq_lens: Sequence[int], device: torch.device) -> list[Bucke
     return buckets
 
 
+@dataclass
+class Jagged:
+    """The packed texts as one variable-length batch: boundaries on the device, lengths known on the host."""
+
+    offsets: torch.Tensor  # (N + 1,) int64 cu_seq_lens on the device
+    max_length: int
+    min_length: int
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs):
     """Attention for transformers' interface. query/key/value: (1, H, T, d) when packed."""
-    buckets = kwargs.get("mnr_buckets")
-    if buckets is None:  # an ordinary padded batch
+    plan = kwargs.get("mnr_plan")
+    if plan is None:  # an ordinary padded batch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if isinstance(plan, Jagged):
+        return jagged_attention(query, key, value, plan, dropout, scaling), None
+    buckets = plan
     rows = [x[0].transpose(0, 1) for x in (query, key, value)]  # (T, H, d) each
     heads, head_dim = rows[0].shape[1:]
     outs = []
@@ -134,6 +169,21 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         outs.append(out.transpose(1, 2).reshape(n * length, heads, head_dim).index_select(0, bucket.real))
     filler = rows[0].new_zeros((len(rows[0]) - buckets[-1].end, heads, head_dim))  # rows of no text stay zero
     return torch.cat([*outs, filler]).unsqueeze(0), None
+
+
+def jagged_attention(query, key, value, plan: Jagged, dropout: float, scale: float | None) -> torch.Tensor:
+    """One SDPA call over every text of the batch: (1, H, T, d) x 3 -> (1, T, H, d).
+
+    The module's projections are (1, T, H, d) buffers viewed as (1, H, T, d); transposed back they
+    are (T, H, d) without a copy, the values of a nested tensor ragged in T. SDPA runs the jagged
+    batch in fused kernels on CUDA (flash for bf16/fp16, memory-efficient for fp32), dropout
+    included, and by its reference implementation elsewhere (which the tests compare on the CPU).
+    """
+    nested = [torch.nested.nested_tensor_from_jagged(x[0].transpose(0, 1), plan.offsets, min_seqlen=plan.min_length,
+                                                     max_seqlen=plan.max_length).transpose(1, 2)  # (N, H, j, d)
+              for x in (query, key, value)]
+    out = F.scaled_dot_product_attention(*nested, dropout_p=dropout, scale=scale)  # (N, H, j, d)
+    return out.transpose(1, 2).values().unsqueeze(0)  # (1, T, H, d)
 
 
 def _attention(q, k, v, key_mask, dropout: float, scale: float | None) -> torch.Tensor:
@@ -193,21 +243,26 @@ def position_offset(config) -> int:
     return offset if offset is not None else config.pad_token_id + 1
 
 
-def forward_packed(transformer, id_lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_packed(transformer, id_lists: Sequence[Sequence[int]],
+                   jagged: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``transformer`` packed; return (N, L, D) hidden states zero-padded per text and the (N, L) mask.
 
-    Texts are packed longest first so that attention's length buckets are tight; the output is in
-    the caller's order.
+    ``jagged``: attention as one variable-length batch (default on CUDA) instead of length buckets
+    (default elsewhere). Texts are packed longest first so that length buckets are tight; the
+    output is in the caller's order.
     """
     device = next(transformer.parameters()).device
+    jagged = device.type == "cuda" if jagged is None else jagged
     order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))
-    batch = pack([id_lists[i] for i in order], position_offset(transformer.config), device)
+    batch = pack([id_lists[i] for i in order], position_offset(transformer.config), device,
+                 multiple=1 if jagged else LENGTH_MULTIPLE)
+    plan = (Jagged(batch["cu_seq_lens"], batch["max_length"], batch["min_length"]) if jagged
+            else plan_buckets(batch["cu_host"], device))
     hidden = transformer(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-        mnr_buckets=plan_buckets(batch["cu_seq_lens"].tolist(), device),  # reaches packed_attention
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], mnr_plan=plan,  # reaches packed_attention
     ).last_hidden_state  # (1, T, D)
     blocks, mask = unpack(hidden[0], batch["cu_seq_lens"], batch["max_length"])  # sorted order
     restore = torch.empty(len(order), dtype=torch.long)
     restore[order] = torch.arange(len(order))
-    restore = restore.to(device)
+    restore = to_device(restore, device)
     return blocks.index_select(0, restore), mask.index_select(0, restore)

@@ -43,6 +43,7 @@ from mnr.evaluate import Evaluator, STSEvaluator
 from mnr.losses import LOSSES, Loss
 from mnr.losses import build as build_loss
 from mnr.model import SentenceEncoder
+from mnr.packing import to_device
 from mnr.plot import plot_runs
 from mnr.rundir import Position, RunDir
 
@@ -186,7 +187,8 @@ def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.T
     data = s.data
     # every column in one forward pass (bigger matrix products), column-major: (C·B, D) -> C x (B, D)
     ids = [s.token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
-    labels = torch.tensor([data.labels[i] for i in batch], device=s.device) if data.labels is not None else None
+    labels = (to_device(torch.tensor([data.labels[i] for i in batch]), s.device) if data.labels is not None
+              else None)
 
     def autocast():
         return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16)

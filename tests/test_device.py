@@ -1,0 +1,64 @@
+"""Where each command runs and in which precision, decided on this machine's CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnr import device as mnr_device
+from mnr.device import choose_bf16, native_bf16, resolve_device
+from mnr.errors import ConfigError
+
+
+def test_auto_is_the_gpu_when_there_is_one():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda:0: CUDA is not available on this machine"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True),
+                                                       (False, False, False)])
+def test_bf16_is_on_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is expected
+    chosen, why = choose_bf16(None, cpu)
+    assert chosen is expected and why.startswith("auto: ")
+    assert choose_bf16(True, cpu) == (True, "as asked (--bf16)")  # a flag always wins
+    assert choose_bf16(False, cpu) == (False, "as asked (--no-bf16)")
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_bf16_is_on_for_gpus_from_ampere(monkeypatch, capability, expected):
+    monkeypatch.setattr(mnr_device.torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16(torch.device("cuda", 0)) is expected
+
+
+def test_training_records_the_precision_it_chose(tiny_model_dir, nli_file, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import tomllib
+
+    from mnr.cli import main
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    output = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(nli_file), "--output", str(output),
+                     "--batch-size", "4", "--max-seq-length", "32"]) == 0
+    assert "device: cpu; fp32 (auto: this CPU (no AVX-512 BF16 or AMX) would emulate bf16" in caplog.text
+    assert tomllib.loads((output / "config.toml").read_text())["bf16"] is False
+    assert "| precision | fp32 |" in (output / "final" / "README.md").read_text()
+
+
+def test_commands_load_models_where_they_run(tiny_model_dir, tmp_path):
+    from mnr.model import SentenceEncoder
+
+    assert SentenceEncoder.load(str(tiny_model_dir), device="cpu").device == torch.device("cpu")
+    assert SentenceEncoder.load(str(tiny_model_dir), device=torch.device("cpu")).device == torch.device("cpu")
