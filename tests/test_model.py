@@ -172,3 +172,18 @@ def test_pad_to_longest_in_batch():
     batch = pad_ids([[101, 7, 102], [101, 102]], pad_id=0)
     assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    from mnr.fileio import atomic_file
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old\n"
+    with atomic_file(path) as tmp:
+        tmp.write_text("new\n")
+    assert path.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"], "temporary file left behind"

@@ -253,6 +253,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from mnr.fileio import atomic_file
     from mnr.model import SentenceEncoder
 
     device = resolve_device(args.device)
@@ -260,8 +261,7 @@ def _encode(args: argparse.Namespace) -> int:
     count = _count_texts(source)
     encoder = SentenceEncoder.load(args.model, device=device)
     output = Path(args.output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}.npy")
-    try:
+    with atomic_file(output) as tmp:  # never a half-written array at --output
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, encoder.dim))
         row = 0
         for block in _text_blocks(source, count):
@@ -270,9 +270,6 @@ def _encode(args: argparse.Namespace) -> int:
             row += len(block)
         array.flush()
         del array
-        tmp.replace(output)  # atomic: never a half-written array at --output
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"{output}: {count} x {encoder.dim} float32")
     return 0
 

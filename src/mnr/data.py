@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mnr.errors import DataError
+from mnr.fileio import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,9 @@ def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]
     fmt = format_of(path)
     if fmt == "parquet":
         raise DataError(f"{path}: write .jsonl, .csv or .tsv (optionally .gz)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(tmp, "wt", encoding="utf-8", newline="") as f:
+        with atomic_file(path) as tmp, opener(tmp, "wt", encoding="utf-8", newline="") as f:
             if fmt == "jsonl":
                 for row in rows:
                     f.write(json.dumps(dict(zip(columns, row, strict=True)), ensure_ascii=False) + "\n")
@@ -221,11 +221,8 @@ def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]
                 writer = csv.writer(f, delimiter="," if fmt == "csv" else "\t")
                 writer.writerow(columns)
                 writer.writerows(rows)
-        tmp.replace(path)
     except OSError as e:
         raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_records(spec: str) -> Iterator[tuple[str, dict]]:

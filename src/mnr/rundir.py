@@ -33,7 +33,7 @@ import torch
 from mnr.config import TrainConfig
 from mnr.data import TrainingSet
 from mnr.errors import CheckpointError, ConfigError, ModelError
-from mnr.fileio import atomic_directory, write_json
+from mnr.fileio import atomic_directory, atomic_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,8 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         """Replace the file OUTPUT/name whole (a new file renamed over the old one)."""
-        path = self.path / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        with atomic_file(self.path / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
     def read_log(self) -> list[dict]:
         """Every complete line of log.jsonl (a line torn by a crash is skipped)."""
