@@ -3,6 +3,9 @@
     python bench/retrieval.py --search         # recipe search on a dev split carved from the training queries
     python bench/retrieval.py                  # the benchmark on the test queries, 3 seeds; writes BENCHMARKS.md
     python bench/retrieval.py --quick          # seed 0; no training on mined negatives (about 1 hour on 2 cores)
+    python bench/retrieval.py --seeds 0 --recipe-seeds 0 1 2 --mined rel0.05   # what 2 cores allow in ~3 hours
+
+The full run trains 18 models and encodes the corpus after each: about 9 hours on 2 CPU cores.
 
 Data (retrieval/scifact under --data-dir): 5,183 abstracts; 809 training queries, of which a fixed
 pseudo-random 100 (``train[:100]``) are the dev set the recipe is chosen on and the other 709
@@ -249,6 +252,19 @@ def mined_file(setting: str, impl: str, args, results: dict) -> str:
     return str(out)
 
 
+def first_negatives(path: str, k: int) -> str:
+    """``path``'s rows with their first (best-ranked) ``k`` negatives only: a row of a query and 4 abstracts costs
+    4 times a pair to train on, more than 2 CPU cores allow for 3 seeds."""
+    from mnr.data import load_training_set, write_rows
+
+    out = Path(path).with_name(Path(path).stem + f"-first{k}.jsonl")
+    if not out.exists():
+        rows = load_training_set([path]).rows
+        write_rows(out, ("anchor", "positive", *(f"negative_{i}" for i in range(1, k + 1))),
+                   [row[: 2 + k] for row in rows])
+    return str(out)
+
+
 def search(args, results: dict) -> None:
     run_job("search:zero-shot", {"kind": "zero-shot", "eval_on": DEV}, args, results)
     for name, (_, settings, mining) in SEARCH.items():
@@ -278,33 +294,34 @@ def mean(runs: list[dict], metric: str) -> float:
 
 
 def benchmark(args, results: dict) -> str:
-    """Test-query rows: zero-shot, mnr (pairs; mined negatives, two settings; the recipe file), and
-    sentence-transformers (pairs; its own mined negatives) with the recipe's settings, 3 seeds each.
-    ``--quick``: seed 0, and the mined negatives are mined (and timed) but not trained on."""
+    """Test-query rows, each the mean of its seeds: zero-shot; mnr's recipe (pairs, best/ by dev); mnr and
+    sentence-transformers trained on the negatives each mined (first ``--negatives`` of 3 per row, each
+    ``--mined`` setting); sentence-transformers on the pairs. Every training uses the recipe's settings."""
     from mnr.config import load_toml
 
     recipe = load_toml(ROOT / "configs" / "scifact.toml")
     recipe_settings = {k: v for k, v in recipe.items() if k not in ("data", "ir_dev", "best_metric")}
-    seeds = (0,) if args.quick else (0, 1, 2)
 
-    def runs(name: str, kind: str, data, **extra) -> list[dict]:
+    def runs(name: str, kind: str, data, seeds, **extra) -> list[dict]:
         return [run_job(f"bench:{name}@{seed}", {"kind": kind, "settings": recipe_settings, "data": data,
                                                   "seed": seed, "eval_on": TEST, **extra}, args, results)
                 for seed in seeds]
 
     zero = run_job("bench:zero-shot", {"kind": "zero-shot", "eval_on": TEST}, args, results)
-    rows = {"mnr: recipe (configs/scifact.toml, best/ by dev)": runs("recipe", "mnr", recipe["data"],
-                                                                     ir_dev=recipe["ir_dev"])}
-    mnr_mined = {s: mined_file(s, "mnr", args, results) for s in ("rel0.05", "abs0.1")[:1 if args.quick else 2]}
-    st_mined = mined_file("rel0.05", "st", args, results)
-    st_zero = None if args.quick else run_job("bench:st-zero-shot", {"kind": "st-zero-shot"}, args, results)
-    if not args.quick:  # the recipe row stands for mnr's pairs in a quick run
-        rows["mnr: pairs"] = runs("mnr-pairs", "mnr", [TRAIN])
-        for setting, path in mnr_mined.items():
-            rows[f"mnr: mined ({setting})"] = runs(f"mnr-mined-{setting}", "mnr", [path])
-    rows["sentence-transformers: pairs"] = runs("st-pairs", "st", TRAIN)
-    if not args.quick:
-        rows["sentence-transformers: mined (rel0.05, its mine_hard_negatives)"] = runs("st-mined", "st", st_mined)
+    st_zero = run_job("bench:st-zero-shot", {"kind": "st-zero-shot"}, args, results) if args.cross_check else None
+    rows = {"mnr: recipe (configs/scifact.toml: the pairs, best/ by dev)":
+            runs("recipe", "mnr", recipe["data"], args.recipe_seeds, ir_dev=recipe["ir_dev"])}
+    mined = {(impl, s): mined_file(s, impl, args, results) for s in args.mined or ["rel0.05"] for impl in ("mnr", "st")}
+    k = args.negatives
+    for setting in args.mined:
+        path = first_negatives(mined["mnr", setting], k)
+        rows[f"mnr: pairs + {k} mined negative(s) ({setting}, `mnr mine`)"] = runs(
+            f"mnr-mined-{setting}-first{k}", "mnr", [path], args.seeds)
+    rows["sentence-transformers: pairs"] = runs("st-pairs", "st", TRAIN, args.seeds)
+    for setting in args.mined:
+        path = first_negatives(mined["st", setting], k)
+        rows[f"sentence-transformers: pairs + {k} mined negative(s) ({setting}, its `mine_hard_negatives`)"] = runs(
+            f"st-mined-{setting}-first{k}", "st", path, args.seeds)
     lines = ["| run | test NDCG@10 (mean) | test MRR@10 | test Recall@100 | per seed NDCG@10 | training time (s) |",
              "|---|---:|---:|---:|---|---:|",
              f"| zero-shot (mnr's evaluator) | {zero['scores']['ndcg@10']:.2f} | {zero['scores']['mrr@10']:.2f} "
@@ -314,17 +331,20 @@ def benchmark(args, results: dict) -> str:
                      f"| {st_zero['scores']['ndcg@10']:.2f} | {st_zero['scores']['mrr@10']:.2f} "
                      f"| {st_zero['scores']['recall@100']:.2f} | | |")
     for name, done in rows.items():
-        per_seed = ", ".join(f"{r['scores']['ndcg@10']:.2f}" for r in done)
+        per_seed = ", ".join(f"{r['scores']['ndcg@10']:.2f} (seed {r['job']['seed']})" for r in done)
         seconds = statistics.mean(r["train_seconds"] for r in done)
         lines.append(f"| {name} | {mean(done, 'ndcg@10'):.2f} | {mean(done, 'mrr@10'):.2f} "
                      f"| {mean(done, 'recall@100'):.2f} | {per_seed} | {seconds:.0f} |")
-    mnr_mine, st_mine = results["mine:mnr:rel0.05"], results["mine:st:rel0.05"]
-    lines += ["", "| mining the 800 training pairs against the 5,183 abstracts (3 negatives, relative margin 0.05) "
-                  "| seconds | rows written | rows left out |", "|---|---:|---:|---:|",
-              f"| mnr (`mnr mine`) | {mnr_mine['seconds']:.1f} | {mnr_mine['rows']} | {mnr_mine['short']} |",
-              f"| sentence-transformers (`mine_hard_negatives`) | {st_mine['seconds']:.1f} | {st_mine['rows']} "
-              f"| {st_mine['short']} |",
-              f"| ratio (sentence-transformers ÷ mnr) | {st_mine['seconds'] / mnr_mine['seconds']:.2f}x | | |"]
+    lines += ["", "| mining the 800 training pairs against the 5,183 abstracts (3 negatives) | seconds | rows written "
+                  "| rows left out |", "|---|---:|---:|---:|"]
+    for setting in args.mined or ["rel0.05"]:
+        mnr_mine, st_mine = results[f"mine:mnr:{setting}"], results[f"mine:st:{setting}"]
+        lines += [f"| {setting}: mnr (`mnr mine`) | {mnr_mine['seconds']:.1f} | {mnr_mine['rows']} "
+                  f"| {mnr_mine['short']} |",
+                  f"| {setting}: sentence-transformers (`mine_hard_negatives`) | {st_mine['seconds']:.1f} "
+                  f"| {st_mine['rows']} | {st_mine['short']} |",
+                  f"| {setting}: ratio (sentence-transformers ÷ mnr) | {st_mine['seconds'] / mnr_mine['seconds']:.2f}x "
+                  "| | |"]
     return "\n".join(lines)
 
 
@@ -333,7 +353,16 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="the recipe search on the dev split")
     parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--quick", action="store_true", help="seed 0 only; mined negatives timed, not trained on")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every trained row")
+    parser.add_argument("--recipe-seeds", type=int, nargs="+", help="seeds of mnr's recipe row (default: --seeds)")
+    parser.add_argument("--mined", nargs="*", default=["rel0.05", "abs0.1"], choices=sorted(MINING),
+                        help="mining settings to train on, each side on its own mined negatives")
+    parser.add_argument("--negatives", type=int, default=1, choices=(1, 2, 3),
+                        help="negatives per row to train on: the first (best-ranked) of the 3 mined")
+    parser.add_argument("--no-cross-check", dest="cross_check", action="store_false",
+                        help="skip sentence-transformers' InformationRetrievalEvaluator on the base model")
+    parser.add_argument("--quick", action="store_true",
+                        help="seed 0, no training on mined negatives (mined and timed only), no cross-check")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -345,14 +374,17 @@ def main() -> None:
     if args.search:
         search(args, results)
         return
+    if args.quick:
+        args.seeds, args.mined, args.cross_check = [0], [], False
+    args.recipe_seeds = args.recipe_seeds or args.seeds
     command = "python bench/retrieval.py " + " ".join(sys.argv[1:])
     table = benchmark(args, results)
     print(table)
     if args.no_write:
         return
     started = datetime.datetime.now().strftime("%Y-%m-%d")
-    seeds = ("seed 0 only (`--quick`: mined negatives mined and timed, not trained on; the recipe row stands for "
-             "mnr's pairs)") if args.quick else "mean of seeds 0, 1, 2"
+    seeds = "each row the mean of the seeds it lists" + (
+        " (`--quick`: seed 0; the negatives are mined and timed, not trained on)" if args.quick else "")
     write_section(ROOT / "BENCHMARKS.md", "bench/retrieval.py", f"""## Retrieval (semantic search): BEIR SciFact
 
 Command: `{command}` (finished {started}; results in `bench/results/retrieval.json`). Machine: {machine()};
@@ -361,8 +393,9 @@ Base model: the packaged all-MiniLM-L6-v2, max length 256. Training data: the 80
 pairs of 709 SciFact training queries (`train[100:]`); the other 100 training queries (`train[:100]`) are the
 dev set the recipe was chosen on; the 300 test queries are reported only. Every row of a side uses the
 recipe's settings (`configs/scifact.toml`: batch, learning rate, epochs, max length); mnr's recipe row
-keeps `best/` by dev NDCG@10, every other row its final model. All scores by mnr's evaluator (exact
-search over the whole corpus; trec_eval definitions), x100, {seeds}.
+keeps `best/` by dev NDCG@10, every other row its final model. A mined-negative row trains on the pairs
+each side's own mining kept, with its first {args.negatives} negative(s) (the best-ranked) of the 3 mined per row. All
+scores by mnr's evaluator (exact search over the whole corpus; trec_eval definitions), x100, {seeds}.
 
 {table}
 

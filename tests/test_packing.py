@@ -10,7 +10,7 @@ import transformers
 
 from mnr.losses import MultipleNegativesRankingLoss
 from mnr.model import SentenceEncoder
-from mnr.packing import LENGTH_MULTIPLE, length_buckets, pack, padding_index, unpack
+from mnr.packing import LENGTH_MULTIPLE, length_buckets, pack, padding_index, plan_buckets, unpack
 
 from .conftest import SENTENCES
 
@@ -47,7 +47,9 @@ def test_packed_equals_padded_in_value_and_gradient(tiny_encoder, model_type, po
     packed = tiny(model_type, tiny_encoder.tokenizer, pooling).to(dtype)
     assert packed.packed
     padded = padded_twin(packed)
-    ids = packed.tokenize(SENTENCES[:12] + ["word " * 40, "x"])  # lengths 3..42: lots of padding
+    # lengths 3..42: lots of padding; the two long texts have the same length: a bucket without a gather
+    ids = packed.tokenize(SENTENCES[:12] + ["word " * 40, "more " * 40, "x"])
+    assert len(ids[-3]) == len(ids[-2]) > max(map(len, ids[:-3])) / 0.75
 
     a = packed(ids)
     b = padded(ids)
@@ -181,3 +183,14 @@ def test_length_buckets():
     assert length_buckets([10, 10, 10]) == [(0, 3)]
     assert length_buckets([5, 50, 45]) == [(0, 1), (1, 3)]  # unsorted input still gives valid runs
     assert length_buckets([]) == []
+
+
+def test_buckets_of_equal_lengths_are_used_as_they_are():
+    """Texts of one length (long texts cut at max_seq_length) are already a block: no gather, no mask."""
+    same, mixed = plan_buckets([0, 5, 10, 15, 18], torch.device("cpu"))  # lengths 5, 5, 5 | 3
+    assert (same.n, same.length, same.gather, same.mask) == (3, 5, None, None)
+    assert (mixed.start, mixed.end, mixed.gather) == (15, 18, None)  # one text: its own block
+    (uneven,) = plan_buckets([0, 6, 11], torch.device("cpu"))  # lengths 6, 5
+    assert (uneven.n, uneven.length) == (2, 6)
+    assert uneven.gather.tolist() == [*range(6), *range(6, 11), 0]
+    assert uneven.real.tolist() == list(range(11))

@@ -115,9 +115,13 @@ class Bucket:
 
     start: int  # first packed row of the bucket
     end: int  # one past its last packed row
-    gather: torch.Tensor  # (n·L,) the row (from start) each padded slot reads; padding slots read row 0
-    mask: torch.Tensor  # (n, L) True at real tokens
-    real: torch.Tensor  # (t,) which of the n·L slots are real tokens, in packed order
+    n: int  # texts
+    length: int  # the longest of them: the block is (n, length)
+    # None when every text has ``length`` tokens: the rows already are the block (no gather, no mask;
+    # common for long texts cut at max_seq_length). Otherwise:
+    gather: torch.Tensor | None = None  # (n·L,) the row (from start) each padded slot reads; padding slots read row 0
+    mask: torch.Tensor | None = None  # (n, L) True at real tokens
+    real: torch.Tensor | None = None  # (t,) which of the n·L slots are real tokens, in packed order
 
 
 def plan_buckets(cu_seq_lens: Sequence[int], device: torch.device) -> list[Bucket]:
@@ -130,10 +134,12 @@ def plan_buckets(cu_seq_lens: Sequence[int], device: torch.device) -> list[Bucke
     lengths = [cu_seq_lens[i + 1] - cu_seq_lens[i] for i in range(len(cu_seq_lens) - 1)]
     buckets = []
     for a, b in length_buckets(lengths):
-        local = torch.tensor(cu_seq_lens[a : b + 1], device=device) - cu_seq_lens[a]
-        index, mask = padding_index(local, max(lengths[a:b]), pad_row=0)
-        buckets.append(Bucket(cu_seq_lens[a], cu_seq_lens[b], index.flatten(), mask,
-                              mask.flatten().nonzero().squeeze(1)))
+        bucket = Bucket(cu_seq_lens[a], cu_seq_lens[b], b - a, max(lengths[a:b]))
+        if min(lengths[a:b]) < bucket.length:
+            local = torch.tensor(cu_seq_lens[a : b + 1], device=device) - cu_seq_lens[a]
+            index, bucket.mask = padding_index(local, bucket.length, pad_row=0)
+            bucket.gather, bucket.real = index.flatten(), bucket.mask.flatten().nonzero().squeeze(1)
+        buckets.append(bucket)
     return buckets
 
 
@@ -162,13 +168,17 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     heads, head_dim = rows[0].shape[1:]
     outs = []
     for bucket in buckets:
-        n, length = bucket.mask.shape
-        q, k, v = (x[bucket.start : bucket.end].index_select(0, bucket.gather)  # (n·L, H, d)
-                   .view(n, length, heads, head_dim).transpose(1, 2) for x in rows)  # (n, H, L, d)
-        out = _attention(q, k, v, bucket.mask[:, None, None, :], dropout, scaling)  # (n, H, L, d)
-        outs.append(out.transpose(1, 2).reshape(n * length, heads, head_dim).index_select(0, bucket.real))
-    filler = rows[0].new_zeros((len(rows[0]) - buckets[-1].end, heads, head_dim))  # rows of no text stay zero
-    return torch.cat([*outs, filler]).unsqueeze(0), None
+        n, length = bucket.n, bucket.length
+        block = [x[bucket.start : bucket.end] for x in rows]  # (t, H, d)
+        if bucket.gather is not None:
+            block = [x.index_select(0, bucket.gather) for x in block]  # (n·L, H, d)
+        q, k, v = (x.view(n, length, heads, head_dim).transpose(1, 2) for x in block)  # (n, H, L, d)
+        key_mask = None if bucket.mask is None else bucket.mask[:, None, None, :]
+        out = _attention(q, k, v, key_mask, dropout, scaling).transpose(1, 2).reshape(n * length, heads, head_dim)
+        outs.append(out if bucket.real is None else out.index_select(0, bucket.real))
+    if len(rows[0]) > buckets[-1].end:  # rows of no text stay zero
+        outs.append(rows[0].new_zeros((len(rows[0]) - buckets[-1].end, heads, head_dim)))
+    return (torch.cat(outs) if len(outs) > 1 else outs[0]).unsqueeze(0), None
 
 
 def jagged_attention(query, key, value, plan: Jagged, dropout: float, scale: float | None) -> torch.Tensor:
@@ -192,7 +202,9 @@ def _attention(q, k, v, key_mask, dropout: float, scale: float | None) -> torch.
     if dropout == 0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    probs = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)  # (n, H, L, L)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    probs = scores.softmax(-1)  # (n, H, L, L)
     return torch.matmul(mnr_dropout(probs, dropout).to(v.dtype), v)
 
 
