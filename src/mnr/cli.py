@@ -329,6 +329,7 @@ def _mine(args: argparse.Namespace) -> int:
     )
     from mnr.errors import DataError
     from mnr.mine import MiningSettings, mine
+    from mnr.mine import columns as mined_columns  # ``columns`` is the local name below
     from mnr.model import SentenceEncoder
     from mnr.retrieval import load_corpus
 
@@ -354,7 +355,7 @@ def _mine(args: argparse.Namespace) -> int:
     if not mined.rows:
         raise DataError(f"no row found {settings.num_negatives} negatives that pass the filters; lower "
                         "--num-negatives or the margins, or raise --range-max")
-    columns = ("anchor", "positive", *(f"negative_{i}" for i in range(1, settings.num_negatives + 1)))
+    columns = mined_columns(settings.num_negatives)
     write_rows(output, columns, mined.rows)
     skipped = "".join(f"; {n:,} candidates removed by --{k.replace('_', '-')}" for k, n in mined.skipped.items())
     print(f"{output}: {len(mined.rows):,} rows with {settings.num_negatives} negatives each; {mined.short:,} rows "

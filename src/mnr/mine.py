@@ -142,6 +142,11 @@ def select(candidates: Candidates, settings: MiningSettings) -> Mined:
                  sum(chosen) / len(chosen) if chosen else 0.0)
 
 
+def columns(num_negatives: int) -> tuple[str, ...]:
+    """The column names of a mined file: anchor, positive, negative_1 .. negative_k."""
+    return ("anchor", "positive", *(f"negative_{i}" for i in range(1, num_negatives + 1)))
+
+
 def mine(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str],
          settings: MiningSettings, batch_size: int = 64, bf16: bool = False, progress: bool = True) -> Mined:
     """Mine ``settings.num_negatives`` negatives from ``corpus`` for each (anchor, positive) of ``rows``."""
