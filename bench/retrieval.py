@@ -2,10 +2,10 @@
 
     python bench/retrieval.py --search         # recipe search on a dev split carved from the training queries
     python bench/retrieval.py                  # the benchmark on the test queries, 3 seeds; writes BENCHMARKS.md
-    python bench/retrieval.py --quick          # seed 0; no training on mined negatives (about 1 hour on 2 cores)
-    python bench/retrieval.py --seeds 0 --recipe-seeds 0 1 2 --mined rel0.05   # what 2 cores allow in ~3 hours
+    python bench/retrieval.py --quick          # seed 0, no --mined rows, no cross-check (about 2.5 hours on 2 cores)
+    python bench/retrieval.py --seeds 0 --recipe-seeds 0 --mined rel0.05 --cached-only   # the table kept so far
 
-The full run trains 18 models and encodes the corpus after each: about 9 hours on 2 CPU cores.
+The full run trains 24 models and encodes the corpus after each: about 13 hours on 2 CPU cores.
 
 Data (retrieval/scifact under --data-dir): 5,183 abstracts; 809 training queries, of which a fixed
 pseudo-random 100 (``train[:100]``) are the dev set the recipe is chosen on and the other 709
@@ -47,16 +47,19 @@ MINING = {
     "rel0.05": {"num_negatives": 3, "range_max": 50, "relative_margin": 0.05},
     "abs0.1": {"num_negatives": 3, "range_max": 50, "absolute_margin": 0.1},
     "top": {"num_negatives": 3, "range_max": 50},
+    "rel0.05x1": {"num_negatives": 1, "range_max": 50, "relative_margin": 0.05},
+    # a row whose top 50 all pass within the margin (its positive ranks low: the rows it most needs) still gets one
+    "rel0.05x1-range1000": {"num_negatives": 1, "range_max": 1000, "relative_margin": 0.05},
 }
 # name -> (what changes, training settings, mining setting or None). Chosen on dev (train[:100]).
 SEARCH = {
     "pairs": ("(query, relevant abstract) pairs, batch 32, lr 2e-5, 1 epoch", {}, None),
     "pairs-3ep": ("pairs, 3 epochs", {"epochs": 3}, None),
     "pairs-lr5e-5-3ep": ("pairs, lr 5e-5, 3 epochs", {"lr": 5e-5, "epochs": 3}, None),
-    "mined-rel0.05": ("+ 3 mined negatives (relative margin 0.05)", {}, "rel0.05"),
-    "mined-rel0.05-2ep": ("+ 3 mined negatives (relative margin 0.05), 2 epochs", {"epochs": 2}, "rel0.05"),
-    "mined-abs0.1": ("+ 3 mined negatives (absolute margin 0.1)", {}, "abs0.1"),
-    "mined-top": ("+ 3 mined negatives (the top 3, no margin)", {}, "top"),
+    "mined1-lr5e-5-3ep": ("pairs + 1 mined negative (relative margin 0.05, range 50), lr 5e-5, 3 epochs",
+                          {"lr": 5e-5, "epochs": 3}, "rel0.05x1"),
+    "mined1-range1000-lr5e-5-3ep": ("pairs + 1 mined negative (relative margin 0.05, range 1000: fewer rows left out), "
+                                    "lr 5e-5, 3 epochs", {"lr": 5e-5, "epochs": 3}, "rel0.05x1-range1000"),
 }
 
 
@@ -222,10 +225,11 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def run_job(key: str, job: dict, args, results: dict) -> dict:
-    """Run ``job`` in a child (unless ``results`` has ``key``); keep and save its result."""
-    if key in results:
-        return results[key]
+def run_job(key: str, job: dict, args, results: dict) -> dict | None:
+    """Run ``job`` in a child (unless ``results`` has ``key``); keep and save its result. ``--cached-only``: None
+    for a job not run yet."""
+    if key in results or args.cached_only:
+        return results.get(key)
     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--worker", json.dumps(job), "--json", out.name, "--data-dir",
@@ -288,30 +292,65 @@ def search_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def recipe_mining_setting(mining: dict) -> str:
+    """The MINING entry the recipe's mine_* settings are (mnr train's defaults filled in)."""
+    from mnr.config import TrainConfig
+
+    config = TrainConfig(**mining)
+    wanted = {"num_negatives": config.mine_negatives, "range_max": config.mine_range_max}
+    if config.mine_relative_margin:
+        wanted["relative_margin"] = config.mine_relative_margin
+    for name, setting in MINING.items():
+        if setting == wanted:
+            return name
+    raise SystemExit(f"configs/scifact.toml mines with {wanted}: add that to MINING in {__file__}")
+
+
+def describe(setting: str) -> str:
+    m = MINING[setting]
+    margin = (f"relative margin {m['relative_margin']}" if "relative_margin" in m else
+              f"absolute margin {m['absolute_margin']}" if "absolute_margin" in m else "no margin")
+    return f"{m['num_negatives']} negative{'s' if m['num_negatives'] > 1 else ''} ({margin}, range {m['range_max']})"
+
+
 def mean(runs: list[dict], metric: str) -> float:
     return statistics.mean(r["scores"][metric] for r in runs)
 
 
 def benchmark(args, results: dict) -> str:
-    """Test-query rows, each the mean of its seeds: zero-shot; mnr's recipe (pairs, best/ by dev); mnr and
+    """Test-query rows, each the mean of its seeds: zero-shot; mnr's recipe (best/ by dev; when it mines, also the
+    pairs without mining, and sentence-transformers on its own mining with the recipe's setting); mnr and
     sentence-transformers trained on the negatives each mined (first ``--negatives`` of 3 per row, each
     ``--mined`` setting); sentence-transformers on the pairs. Every training uses the recipe's settings."""
     from mnr.config import load_toml
 
     recipe = load_toml(ROOT / "configs" / "scifact.toml")
-    recipe_settings = {k: v for k, v in recipe.items() if k not in ("data", "ir_dev", "best_metric")}
+    training = {k: v for k, v in recipe.items() if k not in ("data", "ir_dev", "best_metric")
+                and not k.startswith("mine_")}  # every row's settings; the recipe row mines as well
+    mining = {k: v for k, v in recipe.items() if k.startswith("mine_")}
+    recipe_mining = recipe_mining_setting(mining) if mining else None
 
-    def runs(name: str, kind: str, data, seeds, **extra) -> list[dict]:
-        return [run_job(f"bench:{name}@{seed}", {"kind": kind, "settings": recipe_settings, "data": data,
+    def runs(name: str, kind: str, data, seeds, settings=training, **extra) -> list[dict]:
+        done = [run_job(f"bench:{name}@{seed}", {"kind": kind, "settings": settings, "data": data,
                                                   "seed": seed, "eval_on": TEST, **extra}, args, results)
                 for seed in seeds]
+        return [r for r in done if r]  # --cached-only: the seeds run so far
 
     zero = run_job("bench:zero-shot", {"kind": "zero-shot", "eval_on": TEST}, args, results)
     st_zero = run_job("bench:st-zero-shot", {"kind": "st-zero-shot"}, args, results) if args.cross_check else None
-    rows = {"mnr: recipe (configs/scifact.toml: the pairs, best/ by dev)":
-            runs("recipe", "mnr", recipe["data"], args.recipe_seeds, ir_dev=recipe["ir_dev"])}
-    timed = args.mined or ["rel0.05"]  # mining is timed even where it is not trained on
+    what = f"pairs + {describe(recipe_mining)} mined by `mnr train`" if recipe_mining else "the pairs"
+    rows = {f"mnr: recipe (configs/scifact.toml: {what}; best/ by dev)":
+            runs(f"recipe-{recipe_mining}" if recipe_mining else "recipe", "mnr", recipe["data"], args.recipe_seeds,
+                 {**training, **mining}, ir_dev=recipe["ir_dev"])}
+    if recipe_mining:
+        rows["mnr: the pairs (the recipe without mining; best/ by dev)"] = runs(
+            "recipe", "mnr", [TRAIN], args.recipe_seeds, ir_dev=recipe["ir_dev"])
+    # mining is timed even where it is not trained on
+    timed = list(dict.fromkeys(([recipe_mining] if recipe_mining else []) + args.mined)) or ["rel0.05"]
     mined = {(impl, s): mined_file(s, impl, args, results) for s in timed for impl in ("mnr", "st")}
+    if recipe_mining:
+        rows[f"sentence-transformers: pairs + {describe(recipe_mining)} by its `mine_hard_negatives` (the recipe's "
+             "data)"] = runs(f"st-mined-{recipe_mining}", "st", mined["st", recipe_mining], args.seeds)
     k = args.negatives
     for setting in args.mined:
         path = first_negatives(mined["mnr", setting], k)
@@ -331,16 +370,22 @@ def benchmark(args, results: dict) -> str:
                      f"| {st_zero['scores']['ndcg@10']:.2f} | {st_zero['scores']['mrr@10']:.2f} "
                      f"| {st_zero['scores']['recall@100']:.2f} | | |")
     for name, done in rows.items():
+        if not done:
+            lines.append(f"| {name} | not run yet | | | | |")
+            continue
         per_seed = ", ".join(f"{r['scores']['ndcg@10']:.2f} (seed {r['job']['seed']})" for r in done)
         seconds = statistics.mean(r["train_seconds"] for r in done)
         lines.append(f"| {name} | {mean(done, 'ndcg@10'):.2f} | {mean(done, 'mrr@10'):.2f} "
                      f"| {mean(done, 'recall@100'):.2f} | {per_seed} | {seconds:.0f} |")
-    lines += ["", "| mining the 800 training pairs against the 5,183 abstracts (3 negatives) | seconds | rows written "
+    lines += ["", "| mining the 800 training pairs against the 5,183 abstracts | seconds | rows written "
                   "| rows left out |", "|---|---:|---:|---:|"]
     for setting in timed:
-        mnr_mine, st_mine = results[f"mine:mnr:{setting}"], results[f"mine:st:{setting}"]
-        lines += [f"| {setting}: mnr (`mnr mine`) | {mnr_mine['seconds']:.1f} | {mnr_mine['rows']} "
-                  f"| {mnr_mine['short']} |",
+        mnr_mine, st_mine = results.get(f"mine:mnr:{setting}"), results.get(f"mine:st:{setting}")
+        if not (mnr_mine and st_mine):
+            lines.append(f"| {setting} ({describe(setting)}) | not timed yet on both sides | | |")
+            continue
+        lines += [f"| {setting} ({describe(setting)}): mnr (`mnr mine`) | {mnr_mine['seconds']:.1f} "
+                  f"| {mnr_mine['rows']} | {mnr_mine['short']} |",
                   f"| {setting}: sentence-transformers (`mine_hard_negatives`) | {st_mine['seconds']:.1f} "
                   f"| {st_mine['rows']} | {st_mine['short']} |",
                   f"| {setting}: ratio (sentence-transformers ÷ mnr) | {st_mine['seconds'] / mnr_mine['seconds']:.2f}x "
@@ -362,8 +407,10 @@ def main() -> None:
     parser.add_argument("--no-cross-check", dest="cross_check", action="store_false",
                         help="skip sentence-transformers' InformationRetrievalEvaluator on the base model")
     parser.add_argument("--quick", action="store_true",
-                        help="seed 0, no training on mined negatives (mined and timed only), no cross-check")
+                        help="seed 0, no --mined rows (the recipe's own mining only), no cross-check")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="run nothing: the table of the results kept so far (rows not run yet say so)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -383,19 +430,21 @@ def main() -> None:
     if args.no_write:
         return
     started = datetime.datetime.now().strftime("%Y-%m-%d")
-    seeds = "each row the mean of the seeds it lists" + (
-        " (`--quick`: seed 0; the negatives are mined and timed, not trained on)" if args.quick else "")
+    seeds = "each row the mean of the seeds it lists" + (" (`--quick`: seed 0)" if args.quick else "")
     write_section(ROOT / "BENCHMARKS.md", "bench/retrieval.py", f"""## Retrieval (semantic search): BEIR SciFact
 
-Command: `{command}` (finished {started}; results in `bench/results/retrieval.json`). Machine: {machine()};
+Command: `{command}` ({"the table of the results kept by the runs below, written" if args.cached_only else "finished"}
+{started}; results in `bench/results/retrieval.json`). Machine: {machine()};
 {args.threads} torch threads, one job at a time, each in its own process.
 Base model: the packaged all-MiniLM-L6-v2, max length 256. Training data: the 800 judged (query, abstract)
 pairs of 709 SciFact training queries (`train[100:]`); the other 100 training queries (`train[:100]`) are the
 dev set the recipe was chosen on; the 300 test queries are reported only. Every row of a side uses the
-recipe's settings (`configs/scifact.toml`: batch, learning rate, epochs, max length); mnr's recipe row
-keeps `best/` by dev NDCG@10, every other row its final model. A mined-negative row trains on the pairs
-each side's own mining kept, with its first {args.negatives} negative(s) (the best-ranked) of the 3 mined per row. All
-scores by mnr's evaluator (exact search over the whole corpus; trec_eval definitions), x100, {seeds}.
+recipe's settings (`configs/scifact.toml`: batch, learning rate, epochs, max length); the rows that say so
+keep `best/` by dev NDCG@10 (the dev set scored before and after training), every other row its final
+model. Mining is always with the base model; a row that mines trains on the rows its mining kept, and its
+training time leaves the mining out (timed below). A `--mined` row trains on its first {args.negatives} negative(s)
+(the best-ranked) of the 3 mined per row. All scores by mnr's evaluator (exact search over the whole corpus;
+trec_eval definitions), x100, {seeds}.
 
 {table}
 

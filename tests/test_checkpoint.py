@@ -139,6 +139,25 @@ def test_signals_stop_after_the_step_with_a_checkpoint(tiny_model_dir, pairs, tm
     assert_bitwise_equal(weights(output), uninterrupted)
 
 
+def test_a_run_that_mines_its_negatives_resumes_to_the_same_weights(tiny_model_dir, pairs, tmp_path):
+    """--mine-negatives: the resumed run mines again (the checkpoint checks it got the same rows) and ends with
+    the weights of a run never stopped."""
+    mining = ("--mine-negatives", "1", "--mine-relative-margin", "0")  # a random model: no margin, no row left out
+    whole = run_to_end(SLOW, args(tiny_model_dir, pairs, tmp_path / "whole", *mining))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    output = tmp_path / "stopped"
+    process = spawn(SLOW, args(tiny_model_dir, pairs, output, *mining))
+    wait_for_step(output, 4, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.communicate(timeout=120) and process.returncode == 143
+    resumed = run_to_end(SLOW, args(tiny_model_dir, pairs, output, *mining, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    assert (output / "mined.jsonl").read_text() == (tmp_path / "whole" / "mined.jsonl").read_text()
+    assert len((output / "mined.jsonl").read_text().splitlines()) == 40
+    assert_bitwise_equal(weights(output), weights(tmp_path / "whole"))
+
+
 def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_model_dir, pairs, tmp_path, uninterrupted):
     output = tmp_path / "torn"
     died = run_to_end(DIE_WHILE_WRITING, args(tiny_model_dir, pairs, output))

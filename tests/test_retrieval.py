@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -339,6 +340,57 @@ def test_mnr_mine_bad_settings(tmp_path, tiny_model_dir, qa_pairs, capsys):
     assert main(["mine", str(tiny_model_dir), "--data", str(qa_pairs), "--output", str(tmp_path / "x.xlsx")]) == 2
     assert "unknown file type" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_train_mines_the_rows_mnr_mine_writes(tmp_path, tiny_model_dir, caplog):
+    """--mine-negatives: training mines, before its first step, the rows `mnr mine` writes with the same settings
+    (both take a retrieval folder's corpus by default), keeps them in the run's directory and trains on them."""
+    folder = beir_folder(tmp_path)
+    mined = tmp_path / "mined.jsonl"
+    assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(mined), "--num-negatives",
+                 "2", "--range-max", "12", "--device", "cpu"]) == 0  # no margin: a random model ranks at random
+    run = tmp_path / "run"
+    length = SentenceEncoder.load(str(tiny_model_dir)).max_seq_length
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--model", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(run),
+                     "--mine-negatives", "2", "--mine-range-max", "12", "--mine-relative-margin", "0", "--batch-size",
+                     "4", "--max-seq-length", str(length), "--save-every", "0", "--no-bf16"]) == 0  # as mnr mine
+    assert (run / "mined.jsonl").read_text() == mined.read_text()
+    rows = len(mined.read_text().splitlines())
+    assert f"mined: {rows} rows with 2 negatives each" in caplog.text
+    trained = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert trained["rows"] == rows // 4 * 4  # batches of 4 rows, the last partial one dropped
+    card = (run / "final" / "README.md").read_text()
+    assert f"| data | `{folder}:train` ({rows} rows): {rows} rows of (anchor, positive, negative, negative)" in card
+    assert "| hard negatives | 2 per row, mined before training: the base model's best-ranked passages of the " \
+           "data corpus among its top 12, the anchor's positives excluded; rows that found fewer left out |" in card
+    # a corpus file instead of the folder's: negatives come from it only
+    other = tmp_path / "corpus.txt"
+    other.write_text("\n".join(f"unrelated passage number {i}" for i in range(20)) + "\n")
+    assert main(["train", "--model", str(tiny_model_dir), "--data", f"{folder}:train", "--output",
+                 str(tmp_path / "run2"), "--mine-negatives", "1", "--mine-corpus", str(other), "--mine-relative-margin",
+                 "0", "--batch-size", "4", "--save-every", "0"]) == 0
+    lines = (tmp_path / "run2" / "mined.jsonl").read_text().splitlines()
+    negatives = {json.loads(line)["negative_1"] for line in lines}
+    assert negatives and negatives <= set(other.read_text().splitlines())
+
+
+def test_train_mining_refuses_what_it_cannot_mine_for(tmp_path, tiny_model_dir, capsys):
+    triplets = tmp_path / "triplets.jsonl"
+    triplets.write_text(json.dumps({"anchor": "a", "positive": "b", "negative": "c"}) + "\n")
+    base = ["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run")]
+    assert main([*base, "--data", str(triplets), "--mine-negatives", "1"]) == 2
+    assert "--mine-negatives: the training rows already have negatives (anchor, positive, negative)" in \
+        capsys.readouterr().err
+    assert main([*base, "--data", str(triplets), "--mine-corpus", "corpus.txt"]) == 2
+    assert "--mine-corpus is used only with --mine-negatives" in capsys.readouterr().err
+    assert main([*base, "--data", str(triplets), "--mine-negatives", "1", "--loss", "softmax"]) == 2
+    assert "--mine-negatives adds negatives to ranking rows; --loss softmax" in capsys.readouterr().err
+    folder = beir_folder(tmp_path)
+    assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--mine-corpus",
+                 str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_device_auto_is_the_cpu_here_and_unknown_devices_are_refused(tiny_model_dir, capsys):

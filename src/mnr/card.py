@@ -202,6 +202,11 @@ def _training_rows(facts: RunFacts) -> list[str]:
     rows = [
         f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)})" +
         (f", a seeded sample of {config.max_examples:,}" if config.max_examples else "") + " |",
+        *([f"| hard negatives | {config.mine_negatives} per row, mined before training: the base model's best-ranked "
+           f"passages of {f'`{config.mine_corpus}`' if config.mine_corpus else 'the data corpus'} among its top "
+           f"{config.mine_range_max}, the anchor's positives excluded"
+           + (f", relative margin {config.mine_relative_margin:g}" if config.mine_relative_margin else "")
+           + "; rows that found fewer left out |"] if config.mine_negatives else []),
         f"| loss | {facts.loss}" + (f" ({loss_settings})" if loss_settings else "") + " |",
         f"| batch | {config.batch_size} rows per step" + (f" and process ({config.batch_size * facts.processes} in all)"
                                                             if facts.processes > 1 else "") +

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(anchor, positive) or retrieval folders DIR[:SPLIT][[START:STOP]] (their judged pairs)")
     mine_parser.add_argument("--corpus", metavar="SPEC", help="where negatives come from: a retrieval folder (its "
                              "corpus), a corpus file (_id, title, text or a text column; .jsonl/.csv/.tsv/.parquet) "
-                             "or a .txt file (one passage per line); default: the distinct positives of --data")
+                             "or a .txt file (one passage per line); default: the corpus of the retrieval folders "
+                             "in --data, and every text of --data but its anchors")
     mine_parser.add_argument("--output", required=True, metavar="FILE", help=".jsonl, .csv or .tsv (optionally .gz)")
     mine_parser.add_argument("--columns", default="", help="map --data column names to ours, e.g. "
                              "anchor=question,positive=answer")
@@ -253,18 +254,19 @@ def _eval(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from mnr.data import count_texts, text_blocks
     from mnr.fileio import atomic_file
     from mnr.model import SentenceEncoder
 
     device = resolve_device(args.device)
     source = Path(args.input)
-    count = _count_texts(source)
+    count = count_texts(source)
     encoder = SentenceEncoder.load(args.model, device=device)
     output = Path(args.output)
     with atomic_file(output) as tmp:  # never a half-written array at --output
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, encoder.dim))
         row = 0
-        for block in _text_blocks(source, count):
+        for block in text_blocks(source, count, ENCODE_BLOCK):
             array[row : row + len(block)] = encoder.encode(block, batch_size=args.batch_size,
                                                            normalize=args.normalize, bf16=args.bf16)
             row += len(block)
@@ -277,61 +279,11 @@ def _encode(args: argparse.Namespace) -> int:
 ENCODE_BLOCK = 65536  # texts read, sorted by length and embedded at a time: bounds memory, keeps batches tight
 
 
-def _count_texts(path: Path) -> int:
-    """The number of texts of a file of one text per line (blank lines at the end are not texts); a blank line
-    between texts, bad UTF-8 or an empty file is an error naming the line."""
-    from mnr.data import not_utf8
-    from mnr.errors import DataError
-
-    count = blank_since = 0
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    blank_since = blank_since or line_no
-                    continue
-                if blank_since:
-                    raise DataError(f"{path}:{blank_since}: empty line (every line is a text to embed)")
-                count += 1
-    except UnicodeDecodeError:
-        raise not_utf8(path) from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not count:
-        raise DataError(f"{path}: empty file")
-    return count
-
-
-def _text_blocks(path: Path, count: int):
-    """The first ``count`` lines of ``path``, ``ENCODE_BLOCK`` at a time (the file was checked by ``_count_texts``)."""
-    block: list[str] = []
-    with open(path, encoding="utf-8-sig") as f:
-        for _, line in zip(range(count), f, strict=False):
-            block.append(line.rstrip("\r\n"))
-            if len(block) == ENCODE_BLOCK:
-                yield block
-                block = []
-    if block:
-        yield block
-
-
 def _mine(args: argparse.Namespace) -> int:
-    from mnr.data import (
-        RANKING,
-        data_dir,
-        format_of,
-        is_retrieval_spec,
-        load_training_set,
-        parse_column_map,
-        resolve_path,
-        split_spec,
-        write_rows,
-    )
+    from mnr.data import RANKING, data_dir, format_of, load_training_set, parse_column_map, resolve_path, write_rows
     from mnr.errors import DataError
-    from mnr.mine import MiningSettings, mine
-    from mnr.mine import columns as mined_columns  # ``columns`` is the local name below
+    from mnr.mine import MiningSettings, columns, mine, mining_corpus
     from mnr.model import SentenceEncoder
-    from mnr.retrieval import load_corpus
 
     settings = MiningSettings(args.num_negatives, args.range_min, args.range_max, args.absolute_margin,
                               args.relative_margin, args.max_score, args.sampling, args.seed)
@@ -342,12 +294,7 @@ def _mine(args: argparse.Namespace) -> int:
     data = load_training_set([resolve_path(spec, root) for spec in args.data], wants=RANKING,
                              column_map=parse_column_map(args.columns))
     rows = [(row[0], row[1]) for row in data.rows]
-    if args.corpus is None:
-        corpus = list(dict.fromkeys(text for row in data.rows for text in row[1:]))
-    elif is_retrieval_spec(args.corpus, root):
-        corpus = load_corpus(Path(split_spec(resolve_path(args.corpus, root))[0]))[1]
-    else:
-        corpus = _corpus_file(resolve_path(args.corpus, root))
+    corpus = mining_corpus(args.corpus, root, data, args.data)
     encoder = SentenceEncoder.load(args.model, device=device)
     print(f"mining {settings.num_negatives} negatives for {len(rows):,} rows ({len({a for a, _ in rows}):,} anchors) "
           f"from {len(corpus):,} passages", file=sys.stderr)
@@ -355,30 +302,9 @@ def _mine(args: argparse.Namespace) -> int:
     if not mined.rows:
         raise DataError(f"no row found {settings.num_negatives} negatives that pass the filters; lower "
                         "--num-negatives or the margins, or raise --range-max")
-    columns = mined_columns(settings.num_negatives)
-    write_rows(output, columns, mined.rows)
-    skipped = "".join(f"; {n:,} candidates removed by --{k.replace('_', '-')}" for k, n in mined.skipped.items())
-    print(f"{output}: {len(mined.rows):,} rows with {settings.num_negatives} negatives each; {mined.short:,} rows "
-          f"found fewer and were left out{skipped}; mean score of positives {mined.positive_mean:.3f}, of the "
-          f"negatives written {mined.negative_mean:.3f}")
+    write_rows(output, columns(settings.num_negatives), mined.rows)
+    print(f"{output}: {mined.summary()}")
     return 0
-
-
-def _corpus_file(spec: str) -> list[str]:
-    """Passages of a corpus file: .txt one per line; else records with title + text (BEIR) or text."""
-    from mnr.data import read_records
-    from mnr.errors import DataError
-
-    path = Path(spec)
-    if path.name.lower().removesuffix(".gz").endswith(".txt"):
-        return [text for block in _text_blocks(path, _count_texts(path)) for text in block]
-    passages = []
-    for where, record in read_records(spec):
-        text = f"{record.get('title') or ''} {record.get('text') or ''}".strip()
-        if not text:
-            raise DataError(f"{where}: no text (a corpus record has a text column, optionally a title)")
-        passages.append(text)
-    return passages
 
 
 def _plot(args: argparse.Namespace) -> int:

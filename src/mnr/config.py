@@ -52,6 +52,19 @@ class TrainConfig:
     loss: str = _f("mnr", "mnr (Multiple Negatives Ranking) or softmax (SBERT NLI classifier)", weights=True)
     hard_negatives: bool = _f(False, "NLI data: train on (premise, entailment, contradiction) triplets "
                                      "instead of (premise, entailment) pairs", weights=True)
+    mine_negatives: int = _f(0, "mine this many hard negatives for every (anchor, positive) row before training, as "
+                                "`mnr mine` does (its other controls are there): the best-ranked passages of "
+                                "--mine-corpus by the base model that are not the anchor's positives; rows that find "
+                                "fewer are left out; the rows trained on are written to OUTPUT/mined.jsonl (0: none)",
+                             weights=True)
+    mine_corpus: str = _f("", "where mined negatives come from: a retrieval folder or a corpus file (default: the "
+                              "corpus of the retrieval folders in --data, and every text of --data but its anchors)",
+                          weights=True)
+    mine_range_max: int = _f(50, "mining: candidates are taken from this many of the best-ranked passages",
+                             weights=True)
+    mine_relative_margin: float = _f(0.05, "mining: a candidate scoring above (1 - this) x the anchor's positive is "
+                                           "left out as a likely unjudged positive (0.05: NV-Retriever's setting; "
+                                           "0: no margin)", weights=True)
     symmetric: bool = _f(False, "mnr: also rank anchors given each positive, and average both directions",
                          weights=True)
     scale: float = _f(20.0, "mnr: cosine similarities are multiplied by this (1 / temperature)", weights=True)
@@ -118,6 +131,13 @@ class TrainConfig:
             (self.save_every >= 0, "--save-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.nproc >= 1, "--nproc must be at least 1"),
+            (self.mine_negatives >= 0, "--mine-negatives must be >= 0"),
+            (self.mine_range_max >= max(1, self.mine_negatives),
+             "--mine-range-max must leave room for --mine-negatives candidates"),
+            (0 <= self.mine_relative_margin < 1, "--mine-relative-margin must be in [0, 1)"),
+            (self.mine_negatives or not self.mine_corpus, "--mine-corpus is used only with --mine-negatives"),
+            (self.nproc == 1 or not self.mine_negatives,
+             "--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its file"),
             (self.best_metric.split(":")[0] in ("", "sts_dev", "ir_dev"),
              "--best-metric must be sts_dev, ir_dev or SET:METRIC (e.g. ir_dev:recall@100)"),
             (self.best_metric.split(":")[0] in ("", "sts_dev" if self.sts_dev else "", "ir_dev" if self.ir_dev else ""),

@@ -77,11 +77,14 @@ class TrainingSet:
         if not n or n >= len(self.rows):
             return self
         keep = sorted(random.Random(seed).sample(range(len(self.rows)), n))
+        return TrainingSet(self.columns, [self.rows[i] for i in keep], self.sources_of(keep),
+                           [self.labels[i] for i in keep] if self.labels is not None else None)
+
+    def sources_of(self, keep: Sequence[int]) -> dict[str, int]:
+        """``sources`` of the rows ``keep`` (ascending row numbers) of this set."""
         ends = list(itertools.accumulate(self.sources.values()))  # rows are the sources' rows, in order
         kept = collections.Counter(bisect.bisect_right(ends, i) for i in keep)
-        sources = {name: kept[j] for j, name in enumerate(self.sources) if kept[j]}
-        return TrainingSet(self.columns, [self.rows[i] for i in keep], sources,
-                           [self.labels[i] for i in keep] if self.labels is not None else None)
+        return {name: kept[j] for j, name in enumerate(self.sources) if kept[j]}
 
 
 @dataclass
@@ -223,6 +226,41 @@ def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]
                 writer.writerows(rows)
     except OSError as e:
         raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def count_texts(path: Path) -> int:
+    """The number of texts of a file of one text per line (blank lines at the end are not texts); a blank line
+    between texts, bad UTF-8 or an empty file is an error naming the line."""
+    count = blank_since = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    blank_since = blank_since or line_no
+                    continue
+                if blank_since:
+                    raise DataError(f"{path}:{blank_since}: empty line (every line is a text)")
+                count += 1
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not count:
+        raise DataError(f"{path}: empty file")
+    return count
+
+
+def text_blocks(path: Path, count: int, size: int) -> Iterator[list[str]]:
+    """The first ``count`` lines of ``path``, ``size`` at a time (the file was checked by ``count_texts``)."""
+    block: list[str] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for _, line in zip(range(count), f, strict=False):
+            block.append(line.rstrip("\r\n"))
+            if len(block) == size:
+                yield block
+                block = []
+    if block:
+        yield block
 
 
 def read_records(spec: str) -> Iterator[tuple[str, dict]]:

@@ -170,9 +170,9 @@ def check_settings(config: TrainConfig) -> None:
             users = [name for name, loss in LOSSES.items() if setting in loss.settings]
             raise ConfigError(f"--{setting.replace('_', '-')} applies to --loss {' or '.join(users)} only, "
                               f"got --loss {config.loss}")
-    if config.hard_negatives and chosen.input != RANKING:
-        raise ConfigError(f"--hard-negatives adds negatives to ranking rows; --loss {config.loss} trains on "
-                          "labelled pairs")
+    for flag, on in (("--hard-negatives", config.hard_negatives), ("--mine-negatives", config.mine_negatives)):
+        if on and chosen.input != RANKING:
+            raise ConfigError(f"{flag} adds negatives to ranking rows; --loss {config.loss} trains on labelled pairs")
 
 
 def build(config: TrainConfig, dim: int, processes: int) -> Loss:

@@ -22,13 +22,15 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from mnr.errors import ConfigError
+from mnr.data import TrainingSet, count_texts, is_retrieval_spec, read_records, resolve_path, split_spec, text_blocks
+from mnr.errors import ConfigError, DataError
 from mnr.model import SentenceEncoder
-from mnr.retrieval import encode_for_search, search
+from mnr.retrieval import encode_for_search, load_corpus, search
 
 
 @dataclass
@@ -64,6 +66,15 @@ class Mined:
     skipped: dict[str, int] = field(default_factory=dict)  # candidates each filter removed
     positive_mean: float = 0.0  # mean anchor-positive score
     negative_mean: float = 0.0  # mean anchor-negative score of the written negatives
+    kept: list[int] = field(default_factory=list)  # the input row each of ``rows`` was mined for
+
+    def summary(self) -> str:
+        k = len(self.rows[0]) - 2 if self.rows else 0
+        skipped = "".join(f"; {n:,} candidates removed by the {what.replace('_', ' ')}"
+                          for what, n in self.skipped.items())
+        return (f"{len(self.rows):,} rows with {k} negatives each; {self.short:,} rows found fewer and were left "
+                f"out{skipped}; mean score of positives {self.positive_mean:.3f}, of the negatives written "
+                f"{self.negative_mean:.3f}")
 
 
 @dataclass
@@ -130,16 +141,15 @@ def select(candidates: Candidates, settings: MiningSettings) -> Mined:
         if settings.sampling == "random" and len(kept) > settings.num_negatives:
             kept = sorted(rng.sample(kept, settings.num_negatives), reverse=True)
         negatives[anchor] = kept[: settings.num_negatives]
-    out, short, chosen = [], 0, []
-    for anchor, positive in candidates.rows:
+    out, kept, chosen = [], [], []
+    for i, (anchor, positive) in enumerate(candidates.rows):
         found = negatives[anchor]
-        if len(found) < settings.num_negatives:
-            short += 1
-            continue
-        out.append((anchor, positive, *(text for _, text in found)))
-        chosen += [score for score, _ in found]
-    return Mined(out, short, {k: v for k, v in skipped.items() if v}, candidates.positive_mean,
-                 sum(chosen) / len(chosen) if chosen else 0.0)
+        if len(found) == settings.num_negatives:
+            out.append((anchor, positive, *(text for _, text in found)))
+            kept.append(i)
+            chosen += [score for score, _ in found]
+    return Mined(out, len(candidates.rows) - len(out), {k: v for k, v in skipped.items() if v},
+                 candidates.positive_mean, sum(chosen) / len(chosen) if chosen else 0.0, kept)
 
 
 def columns(num_negatives: int) -> tuple[str, ...]:
@@ -151,3 +161,28 @@ def mine(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequ
          settings: MiningSettings, batch_size: int = 64, bf16: bool = False, progress: bool = True) -> Mined:
     """Mine ``settings.num_negatives`` negatives from ``corpus`` for each (anchor, positive) of ``rows``."""
     return select(rank(encoder, rows, corpus, settings.range_max, batch_size, bf16, progress), settings)
+
+
+def mining_corpus(spec: str | None, root: Path | None, data: TrainingSet, data_specs: Sequence[str]) -> list[str]:
+    """The passages negatives are mined from: ``spec``, a retrieval folder (its corpus) or a corpus file; by
+    default the corpus of each retrieval folder in ``data_specs`` and every text of ``data`` but its anchors."""
+    if spec:
+        if is_retrieval_spec(spec, root):
+            return load_corpus(Path(split_spec(resolve_path(spec, root))[0]))[1]
+        return corpus_file(Path(resolve_path(spec, root)))
+    passages = [p for s in data_specs if is_retrieval_spec(s, root)
+                for p in load_corpus(Path(split_spec(resolve_path(s, root))[0]))[1]]
+    return list(dict.fromkeys(passages + [text for row in data.rows for text in row[1:]]))
+
+
+def corpus_file(path: Path) -> list[str]:
+    """Passages of a corpus file: .txt one per line; else records with title + text (BEIR) or text."""
+    if path.name.lower().removesuffix(".gz").endswith(".txt"):
+        return [text for block in text_blocks(path, count_texts(path), 65536) for text in block]
+    passages = []
+    for where, record in read_records(str(path)):
+        text = f"{record.get('title') or ''} {record.get('text') or ''}".strip()
+        if not text:
+            raise DataError(f"{where}: no text (a corpus record has a text column, optionally a title)")
+        passages.append(text)
+    return passages

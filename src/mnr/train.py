@@ -35,19 +35,23 @@ from mnr.data import (
     load_training_set,
     parse_column_map,
     resolve_path,
+    write_rows,
 )
 from mnr.device import choose_bf16, resolve_device
 from mnr.dropout import use_fast_dropout
-from mnr.errors import ConfigError, Stopped, TrainingError
+from mnr.errors import ConfigError, DataError, Stopped, TrainingError
 from mnr.evaluate import Evaluator, STSEvaluator
 from mnr.losses import LOSSES, Loss
 from mnr.losses import build as build_loss
+from mnr.mine import MiningSettings, columns, mine, mining_corpus
 from mnr.model import SentenceEncoder
 from mnr.packing import to_device
 from mnr.plot import plot_runs
 from mnr.rundir import Position, RunDir
 
 log = logging.getLogger(__name__)
+
+MINED_FILE = "mined.jsonl"  # --mine-negatives: the rows trained on, in the run's directory
 
 
 @dataclass
@@ -81,7 +85,7 @@ class Setup:
 
 
 def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
-            encoder: SentenceEncoder | None = None) -> Setup:
+            encoder: SentenceEncoder | None = None, progress: bool = True) -> Setup:
     """Load and validate data, model, loss and dev sets. Any bad input fails here, before anything is written.
 
     ``data`` and ``encoder`` replace the training set and model that ``config`` names (for Python
@@ -102,6 +106,10 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     data = data.sample(config.max_examples, config.seed)
     if config.mini_batch_size and not loss_class.cacheable:
         raise ConfigError(f"--mini-batch-size: --loss {config.loss} cannot be computed from cached embeddings")
+    if config.mine_negatives and len(data.columns) != 2:
+        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(data.columns)}); "
+                          "mine for (anchor, positive) pairs")
+    corpus = mining_corpus(config.mine_corpus, root, data, config.data) if config.mine_negatives else []
     rank, world_size = distributed.world()
     steps_per_epoch = len(batches_of_epoch(data, config, 0, rank, world_size))  # fails early if no full batch
 
@@ -112,6 +120,9 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         encoder = SentenceEncoder.load(config.model, pooling=config.pooling or None,
                                        max_seq_length=config.max_seq_length, packed=config.packing, device=device)
     encoder.to(device)
+    if config.mine_negatives:
+        data = mine_negatives(config, data, corpus, encoder, bf16, progress)
+        steps_per_epoch = len(batches_of_epoch(data, config, 0, rank, world_size))
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
     if getattr(encoder.transformer, "pooler", None) is not None:
@@ -137,6 +148,23 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, evaluators, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
                  steps_per_epoch, rank, world_size)
+
+
+def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
+                   progress: bool) -> TrainingSet:
+    """--mine-negatives: each (anchor, positive) row with the negatives the base model ranks best in ``corpus``.
+    Mining is deterministic on a device, so a resumed run mines the same rows (its checkpoint checks that)."""
+    settings = MiningSettings(config.mine_negatives, range_max=config.mine_range_max,
+                              relative_margin=config.mine_relative_margin or None)
+    log.info("mining %d negatives for %s rows from %s passages", config.mine_negatives, f"{len(data):,}",
+             f"{len(corpus):,}")
+    mined = mine(encoder, [(a, p) for a, p in data.rows], corpus, settings, bf16=bf16, progress=progress)
+    if not mined.rows:
+        raise DataError(f"--mine-negatives: no row found {config.mine_negatives} negatives that pass the filters; "
+                        "lower --mine-negatives or --mine-relative-margin, or raise --mine-range-max")
+    log.info("mined: %s", mined.summary())
+    return TrainingSet(("anchor", "positive") + ("negative",) * config.mine_negatives, mined.rows,
+                       data.sources_of(mined.kept))
 
 
 def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
@@ -258,7 +286,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     ``data`` and ``encoder``: see ``prepare``.
     """
     run = RunDir.for_config(config)
-    s = prepare(config, data=data, encoder=encoder)
+    s = prepare(config, data=data, encoder=encoder, progress=progress)
     config = dataclasses.replace(config, bf16=s.bf16)  # what ran: in config.toml, checkpoints and model cards
     main = s.rank == 0
     optimizer = make_optimizer(s, config)
@@ -277,6 +305,8 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         torch.manual_seed(config.seed + s.rank)  # dropout: each process draws its own masks
     if main:
         run.start(config, position.step)
+        if config.mine_negatives:  # what was trained on, to read (or to train on again without mining)
+            write_rows(run.path / MINED_FILE, columns(config.mine_negatives), s.data.rows)
     best = best_metric(config, s.evaluators)
     facts = RunFacts(config, s.data, type(s.objective).__name__, s.encoder.pooling, s.encoder.dim,
                      s.encoder.max_seq_length, s.encoder.normalize, s.world_size, total_steps,
