@@ -390,6 +390,12 @@ def test_train_mining_refuses_what_it_cannot_mine_for(tmp_path, tiny_model_dir, 
     assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--mine-corpus",
                  str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--nproc", "2"]) == 2
+    assert "--mine-negatives with --nproc above 1: mine first with `mnr mine`" in capsys.readouterr().err
+    # this random model scores every passage near 0.95: none is at most 1% of a positive's score
+    assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--mine-relative-margin", "0.99",
+                 "--batch-size", "2"]) == 2
+    assert "--mine-negatives: no row found 1 negatives that pass the filters" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
