@@ -166,19 +166,20 @@ def mine(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequ
 def mining_corpus(spec: str | None, root: Path | None, data: TrainingSet, data_specs: Sequence[str]) -> list[str]:
     """The passages negatives are mined from: ``spec``, a retrieval folder (its corpus) or a corpus file; by
     default the corpus of each retrieval folder in ``data_specs`` and every text of ``data`` but its anchors."""
+    def folder_corpus(folder_spec: str) -> list[str]:
+        return load_corpus(Path(split_spec(resolve_path(folder_spec, root))[0]))[1]
+
     if spec:
-        if is_retrieval_spec(spec, root):
-            return load_corpus(Path(split_spec(resolve_path(spec, root))[0]))[1]
-        return corpus_file(Path(resolve_path(spec, root)))
-    passages = [p for s in data_specs if is_retrieval_spec(s, root)
-                for p in load_corpus(Path(split_spec(resolve_path(s, root))[0]))[1]]
+        return folder_corpus(spec) if is_retrieval_spec(spec, root) else corpus_file(Path(resolve_path(spec, root)))
+    passages = [p for s in data_specs if is_retrieval_spec(s, root) for p in folder_corpus(s)]
     return list(dict.fromkeys(passages + [text for row in data.rows for text in row[1:]]))
 
 
 def corpus_file(path: Path) -> list[str]:
     """Passages of a corpus file: .txt one per line; else records with title + text (BEIR) or text."""
     if path.name.lower().removesuffix(".gz").endswith(".txt"):
-        return [text for block in text_blocks(path, count_texts(path), 65536) for text in block]
+        count = count_texts(path)
+        return next(text_blocks(path, count, count))  # one block: every line
     passages = []
     for where, record in read_records(str(path)):
         text = f"{record.get('title') or ''} {record.get('text') or ''}".strip()
