@@ -60,6 +60,8 @@ SEARCH = {
                           {"lr": 5e-5, "epochs": 3}, "rel0.05x1"),
     "mined1-range1000-lr5e-5-3ep": ("pairs + 1 mined negative (relative margin 0.05, range 1000: fewer rows left out), "
                                     "lr 5e-5, 3 epochs", {"lr": 5e-5, "epochs": 3}, "rel0.05x1-range1000"),
+    "mined1-range1000-symmetric": ("the above, symmetric loss (also rank queries given each relevant abstract)",
+                                   {"lr": 5e-5, "epochs": 3, "symmetric": True}, "rel0.05x1-range1000"),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from mnr.errors import ModelError
-from mnr.model import SentenceEncoder, pad_ids
+from mnr.model import SentenceEncoder, length_batches, pad_ids
 
 from .conftest import SENTENCES
 
@@ -44,6 +44,21 @@ def test_encode_keeps_the_callers_order(tiny_encoder):
     assert tiny_encoder.encode([]).shape == (0, 32)
     with pytest.raises(TypeError, match="list of texts"):
         tiny_encoder.encode("one text")
+
+
+def test_batches_of_long_texts_end_at_a_token_budget(tiny_encoder, monkeypatch):
+    assert length_batches([10, 10, 5, 5, 5, 1], batch_size=4, max_tokens=20) == [(0, 2), (2, 6)]
+    assert length_batches([50, 3, 3], batch_size=4, max_tokens=20) == [(0, 1), (1, 3)]  # too long: alone
+    assert length_batches([50, 3, 3], batch_size=2) == [(0, 2), (2, 3)]  # no budget: batch_size texts
+    texts = SENTENCES[:10] + ["x " * 40]
+    sizes: list[int] = []
+    forward = SentenceEncoder.forward
+    monkeypatch.setattr(SentenceEncoder, "forward", lambda self, ids: sizes.append(len(ids)) or forward(self, ids))
+    budgeted = tiny_encoder.encode(texts, batch_size=8, max_tokens=60)
+    assert sizes[0] == 1 and max(sizes) <= 8 and sum(sizes) == 11  # the 40-token text alone
+    sizes.clear()
+    np.testing.assert_allclose(budgeted, tiny_encoder.encode(texts, batch_size=8, max_tokens=0), atol=1e-5)
+    assert sizes == [8, 3]
 
 
 def test_save_writes_the_sentence_transformers_layout(tiny_encoder, tmp_path):

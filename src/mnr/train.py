@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mnr import cache, distributed, rundir
+from mnr import mine as mining
 from mnr.batching import epoch_batches
 from mnr.card import RunFacts, hardware, model_card, read_license
 from mnr.config import TrainConfig
@@ -43,10 +44,11 @@ from mnr.errors import ConfigError, DataError, Stopped, TrainingError
 from mnr.evaluate import Evaluator, STSEvaluator
 from mnr.losses import LOSSES, Loss
 from mnr.losses import build as build_loss
-from mnr.mine import MiningSettings, columns, mine, mining_corpus
+from mnr.mine import MiningSettings, columns, mining_corpus
 from mnr.model import SentenceEncoder
 from mnr.packing import to_device
 from mnr.plot import plot_runs
+from mnr.retrieval import RetrievalEvaluator, load_retrieval
 from mnr.rundir import Position, RunDir
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class Setup:
     steps_per_epoch: int
     rank: int
     world_size: int
+    # dev set name -> its corpus as the base model embedded it while mining: the evaluation before the first
+    # step uses these instead of encoding the corpus again (minutes on a CPU)
+    base_passages: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
@@ -120,8 +125,12 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         encoder = SentenceEncoder.load(config.model, pooling=config.pooling or None,
                                        max_seq_length=config.max_seq_length, packed=config.packing, device=device)
     encoder.to(device)
+    base_passages = {}
     if config.mine_negatives:
-        data = mine_negatives(config, data, corpus, encoder, bf16, progress)
+        data, candidates = mine_negatives(config, data, corpus, encoder, bf16, progress)
+        base_passages = {e.name: emb for e in evaluators if isinstance(e, RetrievalEvaluator)
+                         and (emb := candidates.embeddings_of(e.data.passages)) is not None}
+        del candidates
         steps_per_epoch = len(batches_of_epoch(data, config, 0, rank, world_size))
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
@@ -147,24 +156,27 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, evaluators, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
-                 steps_per_epoch, rank, world_size)
+                 steps_per_epoch, rank, world_size, base_passages)
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
-                   progress: bool) -> TrainingSet:
-    """--mine-negatives: each (anchor, positive) row with the negatives the base model ranks best in ``corpus``.
-    Mining is deterministic on a device, so a resumed run mines the same rows (its checkpoint checks that)."""
+                   progress: bool) -> tuple[TrainingSet, mining.Candidates]:
+    """--mine-negatives: each (anchor, positive) row with the negatives the base model ranks best in ``corpus``,
+    and the ranking (with the corpus embeddings). Mining is deterministic on a device, so a resumed run mines the
+    same rows (its checkpoint checks that)."""
     settings = MiningSettings(config.mine_negatives, range_max=config.mine_range_max,
                               relative_margin=config.mine_relative_margin or None)
     log.info("mining %d negatives for %s rows from %s passages", config.mine_negatives, f"{len(data):,}",
              f"{len(corpus):,}")
-    mined = mine(encoder, [(a, p) for a, p in data.rows], corpus, settings, bf16=bf16, progress=progress)
+    candidates = mining.rank(encoder, [(a, p) for a, p in data.rows], corpus, settings.range_max, bf16=bf16,
+                             progress=progress)
+    mined = mining.select(candidates, settings)
     if not mined.rows:
         raise DataError(f"--mine-negatives: no row found {config.mine_negatives} negatives that pass the filters; "
                         "lower --mine-negatives or --mine-relative-margin, or raise --mine-range-max")
     log.info("mined: %s", mined.summary())
     return TrainingSet(("anchor", "positive") + ("negative",) * config.mine_negatives, mined.rows,
-                       data.sources_of(mined.kept))
+                       data.sources_of(mined.kept)), candidates
 
 
 def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
@@ -173,8 +185,6 @@ def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
     if config.sts_dev:
         evaluators.append(STSEvaluator(load_sts(resolve_path(config.sts_dev, root)), name="sts_dev"))
     if config.ir_dev:
-        from mnr.retrieval import RetrievalEvaluator, load_retrieval
-
         if not is_retrieval_spec(config.ir_dev, root):
             raise ConfigError(f"--ir-dev {config.ir_dev}: not a retrieval folder (DIR[:SPLIT][[START:STOP]])")
         data = load_retrieval(resolve_path(config.ir_dev, root), default_split="dev")
@@ -328,10 +338,13 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         return run.save_checkpoint(rundir.checkpoint_payload(position, fingerprint, stateful, rngs),
                                    keep=config.keep_checkpoints)
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int, passages: dict[str, torch.Tensor] | None = None) -> None:
         if not s.evaluators or not main:
             return
-        results = {e.name: e(s.encoder, bf16=s.bf16) for e in s.evaluators}
+        results = {}
+        for e in s.evaluators:
+            known = (passages or {}).get(e.name)  # its corpus embedded by this same model (a retrieval dev set)
+            results[e.name] = e(s.encoder, bf16=s.bf16) if known is None else e(s.encoder, bf16=s.bf16, passages=known)
         run.record({"step": step, **results})
         facts.evaluations.append({"step": step, **results})
         tqdm.write(f"step {step}: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
@@ -365,7 +378,8 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     with _StopSignals() as stop:
         if position.step == 0 and s.evaluators and main:
             tqdm.write(f"evaluating the base model on {', '.join(e.name for e in s.evaluators)} before training")
-            evaluate(0)
+            evaluate(0, s.base_passages)  # mining embedded the corpus with this same model
+        s.base_passages.clear()  # only the base model's: free them
         for epoch in range(position.epoch, config.epochs):
             batches = batches_of_epoch(s.data, config, epoch, s.rank, s.world_size)
             for index in range(position.batch if epoch == position.epoch else 0, len(batches)):
