@@ -60,8 +60,9 @@ def main() -> None:
              "|---|---:|---:|---:|"]
     for limit in LIMITS:
         median = statistics.median(seconds[limit])
-        name = "no limit (64 abstracts)" if limit == 0 else f"{limit}" + (" (the default)" if limit == CPU_BATCH_TOKENS
-                                                                         else "")
+        name = "no limit (64 abstracts)" if limit == 0 else str(limit)
+        if limit == CPU_BATCH_TOKENS:
+            name += " (the default)"
         lines.append(f"| {name} | {median:.2f} | {args.texts / median:.1f} | {base / median:.2f}x |")
     table = "\n".join(lines)
     print(table)
