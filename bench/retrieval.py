@@ -227,11 +227,29 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- driver
 
 
+def same_job(a: dict, b: dict) -> bool:
+    """Whether two jobs train and score the same way: every setting equal, data files compared by name (a kept
+    result may come from another checkout of the repository)."""
+    def names(data) -> list[str]:
+        return [Path(d).name for d in ([data] if isinstance(data, str) else data or [])]
+
+    def rest(job: dict) -> dict:
+        return {k: v for k, v in job.items() if k not in ("data", "out")}
+
+    return rest(a) == rest(b) and names(a.get("data")) == names(b.get("data"))
+
+
 def run_job(key: str, job: dict, args, results: dict) -> dict | None:
-    """Run ``job`` in a child (unless ``results`` has ``key``); keep and save its result. ``--cached-only``: None
-    for a job not run yet."""
-    if key in results or args.cached_only:
-        return results.get(key)
+    """Run ``job`` in a child unless ``results`` holds ``key`` for the same job (a result kept for other settings,
+    e.g. after configs/scifact.toml changed, is run anew); keep and save its result. ``--cached-only``: None for
+    a job not run yet."""
+    kept = results.get(key)
+    if kept is not None and not same_job(kept["job"], job):
+        action = "left out" if args.cached_only else "run anew"
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: kept for other settings, {action}", flush=True)
+        kept = None
+    if kept is not None or args.cached_only:
+        return kept
     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--worker", json.dumps(job), "--json", out.name, "--data-dir",

@@ -44,6 +44,27 @@ def test_train_writes_final_best_log_and_config(tiny_model_dir, nli_file, sts_fi
     assert (output / "final" / "mnr_config.toml").exists()
 
 
+@pytest.mark.parametrize("seed", [4, 5], ids=["a-later-epoch-longer", "a-later-epoch-shorter"])
+def test_the_schedule_counts_every_epochs_batches(tiny_model_dir, tmp_path, seed):
+    """Rows that clash with every batch left wait for one of their own, so epochs can differ by a batch: the
+    learning rate must still decay over the steps that are taken, to its last positive value, never below."""
+    rows = [{"anchor": SENTENCES[i], "positive": SENTENCES[12 + i % 6]} for i in range(12)]  # positives shared
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    data = load_training_set([str(pairs)])
+    counts = [len(epoch_batches(data, 4, seed=seed, epoch=e)) for e in range(3)]
+    assert len(set(counts)) > 1, counts  # the case under test: not every epoch has epoch 0's batch count
+    output = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, [pairs], output, "--epochs", "3", "--seed", str(seed))) == 0
+    log = read_log(output)
+    steps = [e["step"] for e in log if "loss" in e]
+    lrs = [e["lr"] for e in log if "lr" in e]
+    total = sum(counts)
+    assert steps == list(range(1, total + 1))
+    assert log[-1]["done"] and log[-1]["step"] == total
+    warmup = -(-total // 10)  # --warmup-ratio 0.1, rounded up
+    assert min(lrs) > 0 and lrs[-1] == pytest.approx(2e-5 / (total - warmup))  # the linear decay's last step
+
+
 def test_first_loss_is_the_mnr_loss_of_the_first_batch(no_dropout_model, nli_file, tmp_path):
     """Golden check of the wiring data -> batches -> encoder -> loss, recomputed independently."""
     output = tmp_path / "run"

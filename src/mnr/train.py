@@ -81,7 +81,7 @@ class Setup:
     token_ids: dict[str, list[int]]  # every distinct text, tokenised once
     device: torch.device
     bf16: bool  # the encoder runs under bf16 autocast (config.bf16, or chosen for the device when unset)
-    steps_per_epoch: int
+    total_steps: int  # every epoch's batches counted (epochs can differ by a batch or two)
     rank: int
     world_size: int
     # dev set name -> its corpus as the base model embedded it while mining: the evaluation before the first
@@ -116,7 +116,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
                           "mine for (anchor, positive) pairs")
     corpus = mining_corpus(config.mine_corpus, root, data, config.data) if config.mine_negatives else []
     rank, world_size = distributed.world()
-    steps_per_epoch = len(batches_of_epoch(data, config, 0, rank, world_size))  # fails early if no full batch
+    total_steps = count_steps(data, config, rank, world_size)  # fails early if no full batch
 
     device = resolve_device(config.device) if world_size == 1 else distributed.local_device()
     bf16, why = choose_bf16(config.bf16, device)
@@ -131,7 +131,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         base_passages = {e.name: emb for e in evaluators if isinstance(e, RetrievalEvaluator)
                          and (emb := candidates.embeddings_of(e.data.passages)) is not None}
         del candidates
-        steps_per_epoch = len(batches_of_epoch(data, config, 0, rank, world_size))
+        total_steps = count_steps(data, config, rank, world_size)
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
     if getattr(encoder.transformer, "pooler", None) is not None:
@@ -156,7 +156,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, evaluators, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
-                 steps_per_epoch, rank, world_size, base_passages)
+                 total_steps, rank, world_size, base_passages)
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
@@ -217,6 +217,12 @@ def batches_of_epoch(data: TrainingSet, config: TrainConfig, epoch: int, rank: i
     if world_size == 1:
         return batches
     return [b[rank * config.batch_size : (rank + 1) * config.batch_size] for b in batches if len(b) == size]
+
+
+def count_steps(data: TrainingSet, config: TrainConfig, rank: int = 0, world_size: int = 1) -> int:
+    """The run's optimizer steps, for the learning-rate schedule. Every epoch is counted: rows that clash
+    with every batch left wait for one of their own, so one epoch can have a batch more than another."""
+    return sum(len(batches_of_epoch(data, config, epoch, rank, world_size)) for epoch in range(config.epochs))
 
 
 def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.Tensor:
@@ -300,7 +306,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     config = dataclasses.replace(config, bf16=s.bf16)  # what ran: in config.toml, checkpoints and model cards
     main = s.rank == 0
     optimizer = make_optimizer(s, config)
-    total_steps = s.steps_per_epoch * config.epochs
+    total_steps = s.total_steps
     warmup_steps = math.ceil(total_steps * config.warmup_ratio)
     fingerprint = rundir.fingerprint(s.data, config, s.world_size)
     stateful = {"encoder": s.encoder, "loss": s.objective, "optimizer": optimizer}
