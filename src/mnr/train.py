@@ -116,7 +116,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
                           "mine for (anchor, positive) pairs")
     corpus = mining_corpus(config.mine_corpus, root, data, config.data) if config.mine_negatives else []
     rank, world_size = distributed.world()
-    total_steps = count_steps(data, config, rank, world_size)  # fails early if no full batch
+    batches_of_epoch(data, config, 0, rank, world_size)  # fails early, before the model loads, if no full batch
 
     device = resolve_device(config.device) if world_size == 1 else distributed.local_device()
     bf16, why = choose_bf16(config.bf16, device)
@@ -131,7 +131,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         base_passages = {e.name: emb for e in evaluators if isinstance(e, RetrievalEvaluator)
                          and (emb := candidates.embeddings_of(e.data.passages)) is not None}
         del candidates
-        total_steps = count_steps(data, config, rank, world_size)
+    total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
     if getattr(encoder.transformer, "pooler", None) is not None:
