@@ -132,7 +132,8 @@ def train_mnr(settings: dict, data: list[str], seed: int, data_dir: str, eval_on
     result = train(config, progress=False)
     model = SentenceEncoder.load(str(result.best or result.final))
     return {"train_seconds": result.train_seconds, "rows": result.rows, "steps": result.steps,
-            "model": "best" if result.best else "final", "scores": evaluate(model, data_dir, eval_on)}
+            "model": "best" if result.best else "final", "dev": {result.best_metric: result.best_score},
+            "scores": evaluate(model, data_dir, eval_on)}
 
 
 def train_st(settings: dict, data: str, seed: int, data_dir: str, eval_on: str, workdir: Path) -> dict:

@@ -20,7 +20,8 @@ def duplicate_free_batches(rows: Sequence[tuple[str, ...]], batch_size: int, see
 
     A row that clashes with the batch being filled waits for the next one (it is tried first
     there), so every row is used exactly once per epoch and the order stays close to the shuffle.
-    Returns lists of row indices; only the last batches can be smaller than ``batch_size``.
+    Returns lists of row indices; only the last batch is smaller than ``batch_size``, unless the
+    rows clash too much for that (then the last few are).
     The result depends only on (rows, batch_size, seed), which makes a run's batch order
     reproducible and a resumed run's position a plain index.
     """
@@ -49,7 +50,39 @@ def duplicate_free_batches(rows: Sequence[tuple[str, ...]], batch_size: int, see
                 still_waiting.append(index)
         waiting = still_waiting + list(candidates)  # keep the oldest first
         batches.append(batch)
-    return batches
+    return _merge_short_batches(rows, batches, batch_size)
+
+
+def _merge_short_batches(rows: Sequence[tuple[str, ...]], batches: list[list[int]],
+                         batch_size: int) -> list[list[int]]:
+    """Refill the short batches at the end, so that at most one is short where the rows allow it.
+
+    The filling above leaves rows that clash with the last batch for batches of their own, often of
+    1-3 rows: a full optimizer step on a handful of in-batch negatives. Each such row joins the short
+    batch being filled if it fits there; otherwise it trades places with a row of a full batch that
+    fits the short batch, when its own texts fit that full batch without the row it replaces.
+    """
+    full = [b for b in batches if len(b) == batch_size]
+    leftover = [i for b in batches if len(b) < batch_size for i in b]
+    texts = [{t for i in b for t in rows[i]} for b in full]  # each full batch's texts (none twice)
+    merged: list[list[int]] = []
+    while leftover:
+        batch, seen, rest = [], set(), []
+        for index in leftover:
+            row = set(rows[index])
+            if len(batch) == batch_size:
+                rest.append(index)
+            elif seen.isdisjoint(row):
+                batch.append(index)
+                seen |= row
+            elif (swap := _swap(rows, full, texts, index, seen)) is not None:
+                batch.append(swap)
+                seen |= set(rows[swap])
+            else:
+                rest.append(index)
+        merged.append(batch)
+        leftover = rest
+    return full + merged
 
 
 def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
@@ -72,3 +105,20 @@ def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
             f"duplicates ({len(data.rows)} rows, {distinct} distinct texts); lower --batch-size or add data"
         )
     return batches
+
+
+def _swap(rows: Sequence[tuple[str, ...]], full: list[list[int]], texts: list[set[str]], index: int,
+          seen: set[str]) -> int | None:
+    """Put row ``index`` into a full batch in place of a row whose texts are disjoint from ``seen``;
+    returns the row taken out, or None when no full batch has such a place."""
+    row = set(rows[index])
+    for batch, batch_texts in zip(full, texts, strict=True):
+        clash = row & batch_texts
+        for position, other in enumerate(batch):
+            others = set(rows[other])
+            if clash <= others and seen.isdisjoint(others):  # index fits without it; it fits the short batch
+                batch[position] = index
+                batch_texts -= others
+                batch_texts |= row
+                return other
+    return None
