@@ -48,6 +48,16 @@ def test_rows_left_at_the_end_fill_one_batch(seed):
         assert len(texts) == len(set(texts))
 
 
+def test_many_rows_sharing_one_text():
+    """300 rows share a query: each needs a batch of its own, and the rows that no swap can place end in
+    batches of one (quickly: a row looks through a bounded number of full batches for a place)."""
+    rows = [("hub", f"x{i}") for i in range(300)] + [(f"a{i}", f"b{i}") for i in range(2000)]
+    batches = duplicate_free_batches(rows, 32, seed=0)
+    assert len(batches) == 300
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    assert all(sum(rows[i][0] == "hub" for i in b) == 1 for b in batches)
+
+
 def test_seeded_and_different_per_epoch():
     data = TrainingSet(("anchor", "positive"), clashing_rows(300, vocab=10_000), ["x"])
     assert epoch_batches(data, 8, seed=3, epoch=0) == epoch_batches(data, 8, seed=3, epoch=0)

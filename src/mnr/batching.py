@@ -14,14 +14,19 @@ from collections.abc import Sequence
 from mnr.data import TrainingSet
 from mnr.errors import DataError
 
+SWAP_SEARCH = 64  # full batches a row left over at the end looks through for a place
+
 
 def duplicate_free_batches(rows: Sequence[tuple[str, ...]], batch_size: int, seed: int) -> list[list[int]]:
     """Shuffle ``rows`` with ``seed`` and cut them into batches in which no text repeats.
 
     A row that clashes with the batch being filled waits for the next one (it is tried first
     there), so every row is used exactly once per epoch and the order stays close to the shuffle.
-    Returns lists of row indices; only the last batch is smaller than ``batch_size``, unless the
-    rows clash too much for that (then the last few are).
+    That leaves the rows that clash with the last batches for batches of their own, often of 1-3
+    rows: an optimizer step as large as any other on a handful of in-batch negatives. So the rows of
+    the short batches at the end are gathered into one, swapping places with rows of full batches
+    where they clash with it. Returns lists of row indices; only the last batch is smaller than
+    ``batch_size``, unless the rows clash too much for that (then the last few are).
     The result depends only on (rows, batch_size, seed), which makes a run's batch order
     reproducible and a resumed run's position a plain index.
     """
@@ -29,6 +34,16 @@ def duplicate_free_batches(rows: Sequence[tuple[str, ...]], batch_size: int, see
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
+    batches = _fill_in_order(rows, order, batch_size)
+    full = [b for b in batches if len(b) == batch_size]
+    if len(batches) - len(full) < 2:
+        return batches
+    last, rest = _fill_with_swaps(rows, full, [i for b in batches if len(b) < batch_size for i in b], batch_size)
+    return full + [last] + _fill_in_order(rows, rest, batch_size)
+
+
+def _fill_in_order(rows: Sequence[tuple[str, ...]], order: list[int], batch_size: int) -> list[list[int]]:
+    """Batches in ``order``: a row that clashes with the batch being filled waits, first in line for the next."""
     pending = deque(order)
     waiting: list[int] = []  # rows that clashed with an earlier batch, oldest first
     batches: list[list[int]] = []
@@ -50,39 +65,52 @@ def duplicate_free_batches(rows: Sequence[tuple[str, ...]], batch_size: int, see
                 still_waiting.append(index)
         waiting = still_waiting + list(candidates)  # keep the oldest first
         batches.append(batch)
-    return _merge_short_batches(rows, batches, batch_size)
+    return batches
 
 
-def _merge_short_batches(rows: Sequence[tuple[str, ...]], batches: list[list[int]],
-                         batch_size: int) -> list[list[int]]:
-    """Refill the short batches at the end, so that at most one is short where the rows allow it.
+def _fill_with_swaps(rows: Sequence[tuple[str, ...]], full: list[list[int]], leftover: list[int],
+                     batch_size: int) -> tuple[list[int], list[int]]:
+    """One batch of the ``leftover`` rows: a row that clashes with it takes the place of a row of a full batch
+    that does not (when it fits that full batch without the row), which joins instead. Returns the batch
+    and the rows that found no place."""
+    holders: dict[int, dict[str, int]] = {}  # per full batch looked at: text -> position of the row with it
+    batch: list[int] = []
+    seen: set[str] = set()
+    rest: list[int] = []
+    for index in leftover:
+        if len(batch) < batch_size and seen.isdisjoint(rows[index]):
+            joins = index
+        elif len(batch) < batch_size and (replaced := _swap(rows, full, holders, index, seen)) is not None:
+            joins = replaced
+        else:
+            rest.append(index)
+            continue
+        batch.append(joins)
+        seen.update(rows[joins])
+    return batch, rest
 
-    The filling above leaves rows that clash with the last batch for batches of their own, often of
-    1-3 rows: a full optimizer step on a handful of in-batch negatives. Each such row joins the short
-    batch being filled if it fits there; otherwise it trades places with a row of a full batch that
-    fits the short batch, when its own texts fit that full batch without the row it replaces.
-    """
-    full = [b for b in batches if len(b) == batch_size]
-    leftover = [i for b in batches if len(b) < batch_size for i in b]
-    texts = [{t for i in b for t in rows[i]} for b in full]  # each full batch's texts (none twice)
-    merged: list[list[int]] = []
-    while leftover:
-        batch, seen, rest = [], set(), []
-        for index in leftover:
-            row = set(rows[index])
-            if len(batch) == batch_size:
-                rest.append(index)
-            elif seen.isdisjoint(row):
-                batch.append(index)
-                seen |= row
-            elif (swap := _swap(rows, full, texts, index, seen)) is not None:
-                batch.append(swap)
-                seen |= set(rows[swap])
-            else:
-                rest.append(index)
-        merged.append(batch)
-        leftover = rest
-    return full + merged
+
+def _swap(rows: Sequence[tuple[str, ...]], full: list[list[int]], holders: dict[int, dict[str, int]], index: int,
+          seen: set[str]) -> int | None:
+    """Put row ``index`` into a full batch in place of a row whose texts are not in ``seen``; returns the row
+    taken out, or None when none of the first ``SWAP_SEARCH`` full batches has such a place (a bound on the work
+    when many rows share a text and no swap can help)."""
+    for k, batch in enumerate(full[:SWAP_SEARCH]):
+        if k not in holders:
+            holders[k] = {t: position for position, i in enumerate(batch) for t in rows[i]}
+        holder = holders[k]
+        clashes = {holder[t] for t in rows[index] if t in holder}
+        if len(clashes) > 1:
+            continue  # it shares texts with two of the batch's rows: taking one out is not enough
+        for position in clashes or range(len(batch)):
+            out = batch[position]
+            if seen.isdisjoint(rows[out]):
+                for t in rows[out]:
+                    holder.pop(t, None)
+                holder.update((t, position) for t in rows[index])
+                batch[position] = index
+                return out
+    return None
 
 
 def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
@@ -106,19 +134,3 @@ def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
         )
     return batches
 
-
-def _swap(rows: Sequence[tuple[str, ...]], full: list[list[int]], texts: list[set[str]], index: int,
-          seen: set[str]) -> int | None:
-    """Put row ``index`` into a full batch in place of a row whose texts are disjoint from ``seen``;
-    returns the row taken out, or None when no full batch has such a place."""
-    row = set(rows[index])
-    for batch, batch_texts in zip(full, texts, strict=True):
-        clash = row & batch_texts
-        for position, other in enumerate(batch):
-            others = set(rows[other])
-            if clash <= others and seen.isdisjoint(others):  # index fits without it; it fits the short batch
-                batch[position] = index
-                batch_texts -= others
-                batch_texts |= row
-                return other
-    return None
