@@ -133,4 +133,3 @@ def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
             f"duplicates ({len(data.rows)} rows, {distinct} distinct texts); lower --batch-size or add data"
         )
     return batches
-
