@@ -302,9 +302,11 @@ def machine() -> str:
 
     import mnr
     from mnr.card import hardware
+    from mnr.device import native_bf16
 
     cpu = hardware(torch.device("cpu")).removesuffix(" (CPU)")
-    return (f"{cpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    return (f"{cpu} ({bf16}); Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}, "
             f"mnr {mnr.__version__}")
 
