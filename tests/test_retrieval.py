@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mnr.cli import main
 from mnr.data import load_training_set
@@ -404,6 +405,42 @@ def test_the_first_evaluation_reuses_the_corpus_mining_embedded(tmp_path, tiny_m
     assert first["step"] == 0 and first["ir_dev"] == pytest.approx(base_scores, abs=1e-9)
 
 
+def test_train_mines_with_another_model(tmp_path, tiny_model_dir):
+    """--mine-model (a second round of mining): that model ranks the candidates, so training mines the rows
+    `mnr mine MODEL` writes; training starts from --model and matches training on the mined file, and the
+    evaluation before the first step scores --model (not with the miner's embeddings of the corpus)."""
+    folder = beir_folder(tmp_path)
+    miner = SentenceEncoder.load(str(tiny_model_dir))
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for weight in miner.parameters():
+            weight.add_(torch.randn(weight.shape, generator=noise) * 0.5)
+    miner_dir = miner.save(tmp_path / "miner")
+    mined = {}
+    for name, model in (("base", tiny_model_dir), ("miner", miner_dir)):
+        mined[name] = tmp_path / f"{name}.jsonl"
+        assert main(["mine", str(model), "--data", f"{folder}:train[4:]", "--output", str(mined[name]),
+                     "--num-negatives", "1", "--range-max", "12", "--device", "cpu"]) == 0
+    assert mined["base"].read_text() != mined["miner"].read_text()  # the two models rank differently
+    common = ["train", "--model", str(tiny_model_dir), "--ir-dev", f"{folder}:train[:4]", "--batch-size", "4",
+              "--max-seq-length", "64", "--save-every", "0", "--no-bf16", "--seed", "3"]
+    assert main([*common, "--data", f"{folder}:train[4:]", "--output", str(tmp_path / "a"), "--mine-negatives", "1",
+                 "--mine-range-max", "12", "--mine-relative-margin", "0", "--mine-model", str(miner_dir)]) == 0
+    assert (tmp_path / "a" / "mined.jsonl").read_text() == mined["miner"].read_text()
+    assert main([*common, "--data", str(mined["miner"]), "--output", str(tmp_path / "b")]) == 0
+    weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("a", "b")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    first = [next(json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()
+                  if '"ir_dev"' in line) for run in ("a", "b")]
+    base_scores = RetrievalEvaluator(load_retrieval(f"{folder}:train[:4]"))(
+        SentenceEncoder.load(str(tiny_model_dir), max_seq_length=64))
+    assert first[0]["step"] == 0 and first[0]["ir_dev"] == pytest.approx(base_scores, abs=1e-9)
+    assert first[0]["ir_dev"] == pytest.approx(first[1]["ir_dev"], abs=1e-9)
+    card = (tmp_path / "a" / "final" / "README.md").read_text()
+    assert f"| hard negatives | 1 per row, mined before training: `{miner_dir}`'s best-ranked passages" in card
+
+
 def test_train_mining_refuses_what_it_cannot_mine_for(tmp_path, tiny_model_dir, capsys):
     triplets = tmp_path / "triplets.jsonl"
     triplets.write_text(json.dumps({"anchor": "a", "positive": "b", "negative": "c"}) + "\n")
@@ -413,12 +450,17 @@ def test_train_mining_refuses_what_it_cannot_mine_for(tmp_path, tiny_model_dir, 
         capsys.readouterr().err
     assert main([*base, "--data", str(triplets), "--mine-corpus", "corpus.txt"]) == 2
     assert "--mine-corpus is used only with --mine-negatives" in capsys.readouterr().err
+    assert main([*base, "--data", str(triplets), "--mine-model", str(tiny_model_dir)]) == 2
+    assert "--mine-model is used only with --mine-negatives" in capsys.readouterr().err
     assert main([*base, "--data", str(triplets), "--mine-negatives", "1", "--loss", "softmax"]) == 2
     assert "--mine-negatives adds negatives to ranking rows; --loss softmax" in capsys.readouterr().err
     folder = beir_folder(tmp_path)
     assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--mine-corpus",
                  str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--mine-model",
+                 str(tmp_path / "no-such-model"), "--batch-size", "2"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
     assert main([*base, "--data", f"{folder}:train", "--mine-negatives", "1", "--nproc", "2"]) == 2
     assert "--mine-negatives with --nproc above 1: mine first with `mnr mine`" in capsys.readouterr().err
     # this random model scores every passage near 0.95: none is at most 1% of a positive's score

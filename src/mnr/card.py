@@ -202,7 +202,8 @@ def _training_rows(facts: RunFacts) -> list[str]:
     rows = [
         f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)})" +
         (f", a seeded sample of {config.max_examples:,}" if config.max_examples else "") + " |",
-        *([f"| hard negatives | {config.mine_negatives} per row, mined before training: the base model's best-ranked "
+        *([f"| hard negatives | {config.mine_negatives} per row, mined before training: "
+           f"{f'`{config.mine_model}`' if config.mine_model else 'the base model'}'s best-ranked "
            f"passages of {f'`{config.mine_corpus}`' if config.mine_corpus else 'the data corpus'} among its top "
            f"{config.mine_range_max}, the anchor's positives excluded"
            + (f", relative margin {config.mine_relative_margin:g}" if config.mine_relative_margin else "")

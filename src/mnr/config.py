@@ -54,12 +54,17 @@ class TrainConfig:
                                      "instead of (premise, entailment) pairs", weights=True)
     mine_negatives: int = _f(0, "mine this many hard negatives for every (anchor, positive) row before training, as "
                                 "`mnr mine` does (its other controls are there): the best-ranked passages of "
-                                "--mine-corpus by the base model that are not the anchor's positives; rows that find "
-                                "fewer are left out; the rows trained on are written to OUTPUT/mined.jsonl (0: none)",
+                                "--mine-corpus by the base model (or --mine-model) that are not the anchor's "
+                                "positives; rows that find fewer are left out; the rows trained on are written to "
+                                "OUTPUT/mined.jsonl (0: none)",
                              weights=True)
     mine_corpus: str = _f("", "where mined negatives come from: a retrieval folder or a corpus file (default: the "
                               "corpus of the retrieval folders in --data, and every text of --data but its anchors)",
                           weights=True)
+    mine_model: str = _f("", "mining: rank the candidates with this model (a directory or hub name, with its own "
+                             "pooling and max length, as `mnr mine` does) instead of the base model; e.g. the best/ "
+                             "of a first run, for a second round of mining (training still starts from --model)",
+                         weights=True)
     mine_range_max: int = _f(50, "mining: candidates are taken from this many of the best-ranked passages",
                              weights=True)
     mine_relative_margin: float = _f(0.05, "mining: a candidate scoring above (1 - this) x the anchor's positive is "
@@ -136,6 +141,7 @@ class TrainConfig:
              "--mine-range-max must leave room for --mine-negatives candidates"),
             (0 <= self.mine_relative_margin < 1, "--mine-relative-margin must be in [0, 1)"),
             (self.mine_negatives or not self.mine_corpus, "--mine-corpus is used only with --mine-negatives"),
+            (self.mine_negatives or not self.mine_model, "--mine-model is used only with --mine-negatives"),
             (self.nproc == 1 or not self.mine_negatives,
              "--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its file"),
             (self.best_metric.split(":")[0] in ("", "sts_dev", "ir_dev"),

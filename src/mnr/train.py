@@ -127,10 +127,14 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     encoder.to(device)
     base_passages = {}
     if config.mine_negatives:
-        data, candidates = mine_negatives(config, data, corpus, encoder, bf16, progress)
-        base_passages = {e.name: emb for e in evaluators if isinstance(e, RetrievalEvaluator)
-                         and (emb := candidates.embeddings_of(e.data.passages)) is not None}
-        del candidates
+        miner = encoder
+        if config.mine_model:  # e.g. a first run's best/: a second round of mining, with its own settings
+            miner = SentenceEncoder.load(config.mine_model, packed=config.packing, device=device)
+        data, candidates = mine_negatives(config, data, corpus, miner, bf16, progress)
+        if miner is encoder:  # the step-0 evaluation scores the base model: it reuses the corpus mining embedded
+            base_passages = {e.name: emb for e in evaluators if isinstance(e, RetrievalEvaluator)
+                             and (emb := candidates.embeddings_of(e.data.passages)) is not None}
+        del candidates, miner
     total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
@@ -161,13 +165,13 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
                    progress: bool) -> tuple[TrainingSet, mining.Candidates]:
-    """--mine-negatives: each (anchor, positive) row with the negatives the base model ranks best in ``corpus``,
+    """--mine-negatives: each (anchor, positive) row with the negatives ``encoder`` ranks best in ``corpus``,
     and the ranking (with the corpus embeddings). Mining is deterministic on a device, so a resumed run mines the
     same rows (its checkpoint checks that)."""
     settings = MiningSettings(config.mine_negatives, range_max=config.mine_range_max,
                               relative_margin=config.mine_relative_margin or None)
-    log.info("mining %d negatives for %s rows from %s passages", config.mine_negatives, f"{len(data):,}",
-             f"{len(corpus):,}")
+    log.info("mining %d negatives for %s rows from %s passages with %s", config.mine_negatives, f"{len(data):,}",
+             f"{len(corpus):,}", config.mine_model or "the base model")
     candidates = mining.rank(encoder, [(a, p) for a, p in data.rows], corpus, settings.range_max, bf16=bf16,
                              progress=progress)
     mined = mining.select(candidates, settings)
