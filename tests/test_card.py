@@ -36,7 +36,8 @@ def run(tiny_model_dir, tmp_path_factory):
     script = ("import sys\nfrom mnr.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     result = subprocess.run([sys.executable, "-c", script, "train", "--model", str(tiny_model_dir), "--data", str(nli),
                              "--output", str(output), "--batch-size", "4", "--max-seq-length", "32", "--sts-dev",
-                             str(sts), "--eval-steps", "1", "--lr", "1e-3", "--epochs", "2"],
+                             str(sts), "--eval-steps", "1", "--lr", "1e-3", "--epochs", "2",
+                             "--no-bf16"],  # fp32 stated: the card's precision row is asserted below
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result.stdout + result.stderr

@@ -23,6 +23,7 @@ def test_auto_is_the_gpu_when_there_is_one():
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True),
                                                        (False, False, False)])
 def test_bf16_is_on_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.delenv("MNR_CPU_BF16", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")
@@ -39,22 +40,45 @@ def test_bf16_is_on_for_gpus_from_ampere(monkeypatch, capability, expected):
     assert native_bf16(torch.device("cuda", 0)) is expected
 
 
-def test_training_records_the_precision_it_chose(tiny_model_dir, nli_file, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])
+@pytest.mark.parametrize("probes", [True, False], ids=["cpu-with-bf16", "cpu-without"])
+def test_mnr_cpu_bf16_overrides_the_cpu_check(monkeypatch, value, expected, probes):
+    """MNR_CPU_BF16 runs the suite on any CPU as it runs on one with (1) or without (0) native bf16."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: probes)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: probes)
+    monkeypatch.setenv("MNR_CPU_BF16", value)
+    assert native_bf16(torch.device("cpu")) is expected
+    chosen, why = choose_bf16(None, torch.device("cpu"))
+    assert chosen is expected and why.startswith(f"auto: MNR_CPU_BF16={value} says")
+    assert choose_bf16(not expected, torch.device("cpu"))[0] is (not expected)  # a flag still wins
+    monkeypatch.setenv("MNR_CPU_BF16", "yes")
+    with pytest.raises(ConfigError, match="MNR_CPU_BF16 must be 0 or 1 \\(or unset\\), got 'yes'"):
+        native_bf16(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["fp32", "bf16"])
+def test_training_records_the_precision_it_chose(tiny_model_dir, nli_file, tmp_path, monkeypatch, caplog, native):
     import logging
 
     import tomllib
 
     from mnr.cli import main
 
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.delenv("MNR_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     output = tmp_path / "run"
     with caplog.at_level(logging.INFO):
         assert main(["train", "--model", str(tiny_model_dir), "--data", str(nli_file), "--output", str(output),
                      "--batch-size", "4", "--max-seq-length", "32"]) == 0
-    assert "device: cpu; fp32 (auto: this CPU (no AVX-512 BF16 or AMX) would emulate bf16" in caplog.text
-    assert tomllib.loads((output / "config.toml").read_text())["bf16"] is False
-    assert "| precision | fp32 |" in (output / "final" / "README.md").read_text()
+    card = (output / "final" / "README.md").read_text()
+    if native:
+        assert "device: cpu; bf16 autocast (auto: this CPU computes bf16 natively)" in caplog.text
+        assert "| precision | bf16 autocast (fp32 weights and loss) |" in card
+    else:
+        assert "device: cpu; fp32 (auto: this CPU (no AVX-512 BF16 or AMX) would emulate bf16" in caplog.text
+        assert "| precision | fp32 |" in card
+    assert tomllib.loads((output / "config.toml").read_text())["bf16"] is native
 
 
 def test_commands_load_models_where_they_run(tiny_model_dir, tmp_path):

@@ -5,9 +5,15 @@ natively (NVIDIA GPUs of compute capability 8.0 and later; CPUs with AVX-512 BF1
 costs several times fp32 where it must be emulated (measured: a MiniLM training step 4x slower
 on an Intel Xeon with AVX-512 but without AVX-512 BF16). So "auto" turns it on only where it is
 native.
+
+``MNR_CPU_BF16=1`` (or ``0``) makes the CPU check answer yes (or no) whatever the CPU: the test suite
+then runs on any machine as it runs on one with (or without) native bf16 (emulated where the CPU lacks
+it, so slower). --bf16 / --no-bf16 still win over it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -32,6 +38,11 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
+        forced = os.environ.get("MNR_CPU_BF16", "")
+        if forced:
+            if forced not in ("0", "1"):
+                raise ConfigError(f"MNR_CPU_BF16 must be 0 or 1 (or unset), got {forced!r}")
+            return forced == "1"
         cpu = torch.cpu
         return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
                                                                         "_is_amx_tile_supported"))
@@ -43,6 +54,9 @@ def choose_bf16(setting: bool | None, device: torch.device) -> tuple[bool, str]:
     and why, in words."""
     if setting is not None:
         return setting, "as asked (--bf16)" if setting else "as asked (--no-bf16)"
+    if device.type == "cpu" and os.environ.get("MNR_CPU_BF16"):
+        on = native_bf16(device)
+        return on, f"auto: MNR_CPU_BF16={int(on)} says this CPU {'computes' if on else 'lacks'} bf16 natively"
     if native_bf16(device):
         return True, f"auto: this {device.type.upper()} computes bf16 natively"
     what = "GPU (compute capability < 8.0)" if device.type == "cuda" else "CPU (no AVX-512 BF16 or AMX)"
