@@ -178,7 +178,13 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
     columns = [(name, metric) for name in sets
                for metric in next(e[name] for e in facts.evaluations if name in e)]
     base_note = " (step 0 is the base model, before training)" if facts.evaluations[0]["step"] == 0 else ""
+    config = facts.config
+    described = {"sts_dev": f"`{config.sts_dev}`", "ir_dev": f"`{config.ir_dev}`" + (
+        ", a passage whose id is the query's own left out of its ranking (MTEB's ignore_identical_ids)"
+        if config.ignore_identical_ids else "")}
+    named = [f"- {name}: {described[name]}" for name in sets if name in described and getattr(config, name)]
     lines = ["## Evaluation", "", f"Measured during training on the run's dev set{base_note}:", "",
+             *([*named, ""] if named else []),
              "| step | " + " | ".join(f"{name} {metric}" for name, metric in columns) + " |",
              "|---:|" + "---:|" * len(columns)]
     for e in facts.evaluations:

@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: $MNR_DATA_DIR)")
     eval_parser.add_argument("--columns", default="", help="map the STS files' column names to ours: OURS=THEIRS,... "
                              "e.g. sentence1=text_a,sentence2=text_b,score=label")
+    eval_parser.add_argument("--ignore-identical-ids", action="store_true", help="--retrieval: leave a passage whose "
+                             "id is the query's own out of that query's ranking (MTEB's rule where queries are "
+                             "themselves passages: argument retrieval, duplicate questions)")
+    _add_strict_qrels_flag(eval_parser, "evaluation counts it as relevant and never retrieved, as BEIR and MTEB do")
+    eval_parser.add_argument("--json", metavar="FILE.json", help="also write every figure (each set's metrics, "
+                             "the retrieval mean, each set's counts) to this JSON file")
     _add_encoding_flags(eval_parser, "scores move by about 0.01")
 
     encode_parser = commands.add_parser(
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     mine_parser.add_argument("--sampling", choices=["top", "random"], default="top",
                              help="top: the best remaining candidates; random: a seeded sample of them")
     mine_parser.add_argument("--seed", type=int, default=0, help="for --sampling random (default: 0)")
+    _add_strict_qrels_flag(mine_parser, "its judgement is skipped")
     _add_encoding_flags(mine_parser, "scores move by about 1e-4")
 
     plot_parser = commands.add_parser(
@@ -142,6 +149,11 @@ def _add_encoding_flags(parser: argparse.ArgumentParser, bf16_effect: str) -> No
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help=f"encode under bf16 autocast (faster where the device "
                         f"computes bf16 natively; {bf16_effect})")
+
+
+def _add_strict_qrels_flag(parser: argparse.ArgumentParser, default_effect: str) -> None:
+    parser.add_argument("--strict-qrels", action="store_true", help="retrieval folders: refuse a judgement of a "
+                        f"passage that is not in the corpus (default: {default_effect}; a warning says how many)")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -211,11 +223,14 @@ def _eval(args: argparse.Namespace) -> int:
     )
     from mnr.errors import ConfigError
     from mnr.evaluate import comparison_table, evaluate_sts
+    from mnr.fileio import atomic_file, write_json
     from mnr.model import SentenceEncoder
-    from mnr.retrieval import METRICS, RetrievalEvaluator, load_retrieval
+    from mnr.retrieval import RetrievalEvaluator, load_retrieval, mean_of_sets, retrieval_table
 
     device = resolve_device(args.device)
     root = data_dir(args.data_dir)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: no such directory {Path(args.json).resolve().parent}")
     if args.sts:
         specs = args.sts
     elif args.retrieval:
@@ -227,17 +242,22 @@ def _eval(args: argparse.Namespace) -> int:
     column_map = parse_column_map(args.columns)
     sts_sets = {short_name(spec): load_sts(resolve_path(spec, root), column_map, hint=STS_COLUMNS_HINT)
                 for spec in specs}
-    retrieval_sets = {}
+    retrieval_sets, counts = {}, {}
     for spec in args.retrieval or []:
         if not is_retrieval_spec(spec, root):
             raise ConfigError(f"--retrieval {spec}: no such folder" + ("" if root else " (relative paths are also "
                               "looked up under --data-dir / $MNR_DATA_DIR)"))
-        data = load_retrieval(resolve_path(spec, root), default_split=args.split)
+        data = load_retrieval(resolve_path(spec, root), default_split=args.split, strict=args.strict_qrels)
         folder, split, part = split_spec(spec)
         name = f"{Path(folder).name}:{split or args.split}" + (f"[{part}]" if part else "")
-        note = f", {data.skipped} without a relevant passage skipped" if data.skipped else ""
-        print(f"{name}: {len(data.queries):,} queries, {len(data.passages):,} passages{note}", file=sys.stderr)
-        retrieval_sets[name] = RetrievalEvaluator(data, name=name)
+        notes = [f"{data.skipped} without a relevant passage skipped"] if data.skipped else []
+        if data.missing:
+            notes.append(f"{data.missing} judged relevant passages not in the corpus (never retrieved)")
+        print(f"{name}: {len(data.queries):,} queries, {len(data.passages):,} passages"
+              + "".join(f", {note}" for note in notes), file=sys.stderr)
+        retrieval_sets[name] = RetrievalEvaluator(data, name=name, ignore_identical_ids=args.ignore_identical_ids)
+        counts[name] = {"queries": len(data.queries), "passages": len(data.passages), "skipped_queries": data.skipped,
+                        "missing_judgements": data.missing, "ignore_identical_ids": args.ignore_identical_ids}
     sts_results, retrieval_results = {}, {}
     for model in args.models:
         encoder = SentenceEncoder.load(model, device=device)
@@ -246,8 +266,15 @@ def _eval(args: argparse.Namespace) -> int:
         retrieval_results[model] = {name: evaluator(encoder, batch_size=args.batch_size, bf16=args.bf16)
                                     for name, evaluator in retrieval_sets.items()}
     tables = [comparison_table(sts_results)] if sts_sets else []
-    tables += [comparison_table(retrieval_results, METRICS)] if retrieval_sets else []
+    tables += [retrieval_table(retrieval_results)] if retrieval_sets else []
     print("\n\n".join(tables))
+    if args.json:
+        figures = {"models": args.models, "sts": sts_results if sts_sets else {},
+                   "retrieval": {model: {**sets, **({"mean": mean_of_sets(sets)} if len(sets) > 1 else {})}
+                                 for model, sets in retrieval_results.items()} if retrieval_sets else {},
+                   "retrieval_sets": counts}
+        with atomic_file(args.json) as tmp:
+            write_json(tmp, figures)
     return 0
 
 
@@ -292,7 +319,7 @@ def _mine(args: argparse.Namespace) -> int:
     output = Path(args.output)
     format_of(output)  # a file type we can write, before any work
     data = load_training_set([resolve_path(spec, root) for spec in args.data], wants=RANKING,
-                             column_map=parse_column_map(args.columns))
+                             column_map=parse_column_map(args.columns), strict_qrels=args.strict_qrels)
     rows = [(row[0], row[1]) for row in data.rows]
     corpus = mining_corpus(args.corpus, root, data, args.data)
     encoder = SentenceEncoder.load(args.model, device=device)

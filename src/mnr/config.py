@@ -48,6 +48,10 @@ class TrainConfig:
     output: str = _f("", "output directory: final/ (last model), best/ (best on the dev set), log.jsonl, config.toml",
                      weights=False)
     max_examples: int = _f(0, "train on a seeded random sample of this many examples (0: all)", weights=True)
+    strict_qrels: bool = _f(False, "retrieval folders (--data, --ir-dev): refuse a judgement of a passage that is not "
+                                   "in the corpus (default: evaluation counts it as relevant and never retrieved, as "
+                                   "BEIR and MTEB do; training and mining skip it; a warning says how many)",
+                            weights=False)
     # objective
     loss: str = _f("mnr", "mnr (Multiple Negatives Ranking) or softmax (SBERT NLI classifier)", weights=True)
     hard_negatives: bool = _f(False, "NLI data: train on (premise, entailment, contradiction) triplets "
@@ -102,6 +106,9 @@ class TrainConfig:
     ir_dev: str = _f("", "retrieval dev set to evaluate on during training, DIR[:SPLIT][[START:STOP]] (a BEIR-layout "
                          "folder, e.g. retrieval/scifact:train[:100]); best/ keeps the best model by its NDCG@10",
                      weights=False)
+    ignore_identical_ids: bool = _f(False, "--ir-dev: leave a passage whose id is the query's own out of that "
+                                           "query's ranking (MTEB's rule where queries are themselves passages: "
+                                           "argument retrieval, duplicate questions)", weights=False)
     best_metric: str = _f("", "the dev metric best/ is chosen by: sts_dev or ir_dev (their headline metric), or "
                               "SET:METRIC, e.g. ir_dev:recall@100 (default: the first dev set given)", weights=False)
     eval_steps: int = _f(500, "evaluate on the dev set every this many steps (and before and after training)",

@@ -624,11 +624,13 @@ def load_training_set(
     wants: str = RANKING,
     hard_negatives: bool = False,
     column_map: dict[str, str] | None = None,
+    strict_qrels: bool = False,
 ) -> TrainingSet:
     """Read every file in ``specs`` and build the rows of form ``wants`` from each by its kind.
 
     * ``wants=RANKING``: NLI files give (premise, entailment) pairs, or (premise, entailment,
-      contradiction) triplets with ``hard_negatives``; pair files give their own columns.
+      contradiction) triplets with ``hard_negatives``; pair files give their own columns; retrieval
+      folders their (query, relevant passage) pairs (``strict_qrels``: see ``mnr.retrieval.load_retrieval``).
     * ``wants=LABELLED``: NLI files only; every labelled (premise, hypothesis) with its label.
 
     All files must give the same columns: a batch is one tensor per column.
@@ -644,7 +646,7 @@ def load_training_set(
                                 "not on retrieval judgements")
             from mnr.retrieval import training_set
 
-            parts.append(training_set(spec))
+            parts.append(training_set(spec, strict=strict_qrels))
             continue
         columns, records = _peek(spec, column_map)
         kind = kind_of(columns)

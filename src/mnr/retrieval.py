@@ -1,11 +1,15 @@
 """Semantic search: a corpus, queries and relevance judgements; exact search; the IR metrics.
 
-A retrieval data set is a folder in BEIR's layout:
+A retrieval data set is a folder in BEIR's layout, or in the layout of the Hugging Face ``mteb/<name>``
+data sets (Parquet or JSON Lines shards in a folder per part), each file optionally gzipped:
 
-    corpus.jsonl[.gz]                       _id, title, text   (a passage is title + " " + text)
-    queries.jsonl[.gz]                      _id, text
-    qrels_<split>.jsonl[.gz]                query_id, corpus_id, score      (or BEIR's own:)
-    qrels/<split>.tsv                       query-id, corpus-id, score      (with that header)
+    corpus.jsonl | corpus.parquet | corpus/*.parquet | corpus/*.jsonl     _id, title, text (a passage is
+                                                                          title + " " + text)
+    queries.jsonl | queries.parquet | queries/*.parquet | queries/*.jsonl _id, text
+    qrels_<split>.jsonl                                  query_id, corpus_id, score   (ours), or
+    qrels/<split>.tsv | .jsonl | .parquet | <split>-*.parquet   query-id, corpus-id, score (BEIR, MTEB;
+                                                         a .tsv with or without its header line), or
+    default/<split>-*.parquet                            (MTEB's qrels under its "default" config)
 
 and is named ``DIR[:SPLIT][[START:STOP]]``: ``retrieval/scifact:test``, or a part of a split's
 queries, ``retrieval/scifact:train[:100]`` and ``retrieval/scifact:train[100:]`` (counts or
@@ -14,26 +18,32 @@ percents). A part is taken in a fixed pseudo-random order of the query ids (by h
 dev set is carved from training queries, never from the test queries.
 
 A query counts as judged when at least one passage has a score above 0; queries whose judgements
-are all 0 are skipped and counted. Bad input fails with the file and line: a judgement naming an
-unknown query or passage, a passage without text, a duplicate passage id, an empty corpus, a split
-without a qrels file.
+are all 0 are skipped and counted. Published sets (BEIR's, MTEB's) sometimes judge a passage that
+is not in their corpus: as BEIR and MTEB do, evaluation keeps it as a relevant passage that can never
+be retrieved, and training and mining skip it; one warning says how many (``strict=True``,
+``--strict-qrels``, makes it an error, for a user's own data). Bad input fails with the file and
+line: a judgement naming an unknown query, a passage without text, a duplicate passage id, an
+empty corpus, a split without qrels.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mnr.data import TrainingSet, read_records, split_spec
+from mnr.data import TrainingSet, format_of, not_utf8, read_records, split_spec
 from mnr.errors import DataError
 from mnr.model import SentenceEncoder
 
+log = logging.getLogger(__name__)
 # The metrics mnr eval --retrieval prints, in this order; the first is the headline one (trec_eval
 # definitions: relevant = judged score > 0; NDCG with the judged scores as gains and the ideal
 # ranking of all judged passages; MAP@100 and recall over all relevant passages of the query).
@@ -49,27 +59,35 @@ class RetrievalSet:
     passage_ids: list[str]
     passages: list[str]  # title + " " + text
     queries: dict[str, str]  # judged query id -> text, in file order
-    qrels: dict[str, dict[str, int]]  # query id -> {passage id: score > 0}
+    qrels: dict[str, dict[str, int]]  # query id -> {passage id: score > 0}; may name passages not in the corpus
     skipped: int  # queries of the split none of whose judgements is above 0
+    missing: int = 0  # judgements (of the queries kept) naming a passage that is not in the corpus
 
 
-def load_retrieval(spec: str, default_split: str = "test") -> RetrievalSet:
-    """Read a retrieval folder's corpus and the judged queries of the split ``spec`` names."""
+def load_retrieval(spec: str, default_split: str = "test", strict: bool = False) -> RetrievalSet:
+    """Read a retrieval folder's corpus and the judged queries of the split ``spec`` names.
+
+    A judgement naming a passage the corpus lacks is kept (evaluation counts it as relevant and never
+    retrieved, as BEIR and MTEB do) with one warning; ``strict`` makes it an error."""
     folder_name, split, part = split_spec(spec)
     folder, split = Path(folder_name), split or default_split
     if not folder.is_dir():
         raise DataError(f"{folder}: no such retrieval folder")
-    qrels_file = _qrels_file(folder, split)
+    qrels_files = _qrels_files(folder, split)
     passage_ids, passages = load_corpus(folder)
     known_passages = set(passage_ids)
     all_queries = _load_queries(folder)
     judged: dict[str, dict[str, int]] = {}
-    for where, record in read_records(str(qrels_file)):
+    missing: dict[tuple[str, str], str] = {}  # (query, passage) -> where
+    for where, record in (item for path in qrels_files for item in _qrels_records(path)):
         query, passage, score = _judgement(record, where)
         if query not in all_queries:
-            raise DataError(f"{where}: unknown query id {query!r} (not in {_find(folder, 'queries')})")
+            raise DataError(f"{where}: unknown query id {query!r} (not in {_files(folder, 'queries')[0]})")
         if passage not in known_passages:
-            raise DataError(f"{where}: unknown passage id {passage!r} (not in {_find(folder, 'corpus')})")
+            if strict:
+                raise DataError(f"{where}: unknown passage id {passage!r} (not in {_files(folder, 'corpus')[0]}; "
+                                "without --strict-qrels it would count as relevant and never retrieved)")
+            missing[query, passage] = where
         judged.setdefault(query, {})[passage] = score
     relevant = {q: {p: s for p, s in scores.items() if s > 0} for q, scores in judged.items()}
     kept = [q for q in judged if relevant[q]]
@@ -78,21 +96,29 @@ def load_retrieval(spec: str, default_split: str = "test") -> RetrievalSet:
         kept = _part(kept, part, spec)
     if not kept:
         raise DataError(f"{spec}: no query with a relevant passage (a judgement score above 0)")
+    chosen = set(kept)
+    missing = {key: where for key, where in missing.items() if key[0] in chosen and key[1] in relevant[key[0]]}
+    if missing:
+        first = ", ".join(f"{p!r} ({where})" for (_, p), where in list(missing.items())[:3])
+        log.warning("%s: %d judged relevant passage%s not in the corpus, e.g. %s: evaluation counts them as "
+                    "relevant and never retrieved (as BEIR and MTEB do), training and mining skip them; --strict-qrels "
+                    "refuses them", spec, len(missing), " is" if len(missing) == 1 else "s are", first)
     return RetrievalSet(spec, passage_ids, passages, {q: all_queries[q] for q in kept},
-                        {q: relevant[q] for q in kept}, skipped)
+                        {q: relevant[q] for q in kept}, skipped, len(missing))
 
 
 def load_corpus(folder: Path) -> tuple[list[str], list[str]]:
-    """The passages of ``folder``'s corpus file: ids and texts (title + " " + text, stripped)."""
-    path = _find(folder, "corpus")
+    """The passages of ``folder``'s corpus (every shard, in name order): ids and texts (title + " " + text,
+    stripped)."""
+    files = _files(folder, "corpus")
     ids: list[str] = []
     texts: list[str] = []
-    first_line: dict[str, str] = {}
-    for where, record in read_records(str(path)):
+    first_seen: dict[str, str] = {}
+    for where, record in (item for path in files for item in read_records(str(path))):
         passage = _id(record, "_id", where)
-        if passage in first_line:
-            raise DataError(f"{where}: duplicate passage id {passage!r} (first at {first_line[passage]})")
-        first_line[passage] = where.rsplit(":", 1)[-1]
+        if passage in first_seen:
+            raise DataError(f"{where}: duplicate passage id {passage!r} (first at {first_seen[passage]})")
+        first_seen[passage] = where.rsplit(":", 1)[-1] if len(files) == 1 else where
         title, text = record.get("title") or "", record.get("text") or ""
         if not isinstance(title, str) or not isinstance(text, str):
             raise DataError(f"{where}: title and text must be text")
@@ -102,15 +128,18 @@ def load_corpus(folder: Path) -> tuple[list[str], list[str]]:
         ids.append(passage)
         texts.append(full)
     if not ids:
-        raise DataError(f"{path}: empty corpus (no passages)")
+        raise DataError(f"{files[0] if len(files) == 1 else files[0].parent}: empty corpus (no passages)")
     return ids, texts
 
 
-def training_set(spec: str) -> TrainingSet:
-    """(query, relevant passage) rows of every judged query of the split ``spec`` names (default: train)."""
-    data = load_retrieval(spec, default_split="train")
+def training_set(spec: str, strict: bool = False) -> TrainingSet:
+    """(query, relevant passage) rows of every judged query of the split ``spec`` names (default: train);
+    judged passages missing from the corpus are skipped (with load_retrieval's warning), or refused if ``strict``."""
+    data = load_retrieval(spec, default_split="train", strict=strict)
     index = dict(zip(data.passage_ids, data.passages, strict=True))
-    rows = [(data.queries[q], index[p]) for q, relevant in data.qrels.items() for p in relevant]
+    rows = [(data.queries[q], index[p]) for q, relevant in data.qrels.items() for p in relevant if p in index]
+    if not rows:
+        raise DataError(f"{spec}: no judged passage of its queries is in the corpus")
     return TrainingSet(("anchor", "positive"), rows, {spec: len(rows)})
 
 
@@ -168,6 +197,25 @@ def mean_metrics(rankings: dict[str, Sequence[str]], qrels: dict[str, dict[str, 
     return {name: 100 * float(np.mean([m[name] for m in per_query])) for name in METRICS}
 
 
+def mean_of_sets(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each metric's unweighted mean over several retrieval sets (``results[set][metric]``), as MTEB and BEIR
+    report an average: every data set counts once, whatever its number of queries."""
+    return {name: float(np.mean([scores[name] for scores in results.values()])) for name in METRICS}
+
+
+def retrieval_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A markdown table of ``results[model][set][metric]``: a row per model and set, and with several sets
+    a row of their mean per model."""
+    lines = ["| model | set | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    for model, sets in results.items():
+        rows = dict(sets)
+        if len(sets) > 1:
+            rows[f"mean of {len(sets)} sets"] = mean_of_sets(sets)
+        lines += [f"| {model} | {name} | " + " | ".join(f"{scores[m]:.2f}" for m in METRICS) + " |"
+                  for name, scores in rows.items()]
+    return "\n".join(lines)
+
+
 def encode_for_search(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int, bf16: bool,
                       what: str = "") -> torch.Tensor:
     """Normalised (N, D) embeddings for cosine search."""
@@ -180,17 +228,26 @@ class RetrievalEvaluator:
 
     The corpus is embedded anew at every call (the model changed), unless the caller has its embeddings
     by this very model (``passages``: mining's, before the first step); search runs where the encoder is.
+    ``ignore_identical_ids`` leaves a passage whose id is the query's own out of that query's ranking
+    (MTEB's rule for sets whose queries are themselves passages: argument retrieval, duplicate questions).
     """
 
     primary = "ndcg@10"
     metrics = tuple(METRICS)
 
-    def __init__(self, data: RetrievalSet, name: str = "ir_dev"):
+    def __init__(self, data: RetrievalSet, name: str = "ir_dev", ignore_identical_ids: bool = False):
         self.data = data
         self.name = name
+        self.ignore_identical_ids = ignore_identical_ids
 
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
                  passages: torch.Tensor | None = None) -> dict[str, float]:
+        return mean_metrics(self.rankings(encoder, batch_size=batch_size, bf16=bf16, passages=passages),
+                            self.data.qrels)
+
+    def rankings(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
+                 passages: torch.Tensor | None = None) -> dict[str, list[str]]:
+        """The TOP_K passage ids each judged query ranks first, best first."""
         query_ids = list(self.data.qrels)
         queries = encode_for_search(encoder, [self.data.queries[q] for q in query_ids], batch_size, bf16)
         if passages is None:
@@ -198,41 +255,103 @@ class RetrievalEvaluator:
         elif passages.shape != (len(self.data.passages), encoder.dim):
             raise ValueError(f"passages: expected ({len(self.data.passages)}, {encoder.dim}) embeddings of the corpus, "
                              f"got {tuple(passages.shape)}")
-        _, top = search(queries, passages, TOP_K, encoder.device)
-        rankings = {q: [self.data.passage_ids[i] for i in row] for q, row in zip(query_ids, top.tolist(),
-                                                                                   strict=True)}
-        return mean_metrics(rankings, self.data.qrels)
+        # one passage at most has the query's id (ids are unique): one more than TOP_K is enough to drop it
+        _, top = search(queries, passages, TOP_K + self.ignore_identical_ids, encoder.device)
+        ids = self.data.passage_ids
+        return {q: [ids[i] for i in row if not (self.ignore_identical_ids and ids[i] == q)][:TOP_K]
+                for q, row in zip(query_ids, top.tolist(), strict=True)}
 
 
 # ---------------------------------------------------------------- files
 
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
-def _find(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"{folder}: no {stem}.jsonl or {stem}.jsonl.gz (a retrieval folder in BEIR's layout)")
+
+def _files(folder: Path, stem: str) -> list[Path]:
+    """``stem``'s file(s) in ``folder``: ``stem.jsonl[.gz]`` or ``stem.parquet``, else every JSON Lines or
+    Parquet shard of the folder ``stem/`` (the Hugging Face layout), in name order."""
+    for suffix in DATA_SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return [folder / f"{stem}{suffix}"]
+    shards = sorted(p for p in (folder / stem).glob("*") if p.name.endswith(DATA_SUFFIXES)) \
+        if (folder / stem).is_dir() else []
+    if shards:
+        return shards
+    raise DataError(f"{folder}: no {stem}.jsonl[.gz], {stem}.parquet or {stem}/*.parquet (a retrieval folder in "
+                    "BEIR's or MTEB's layout)")
+
+
+QRELS_SUFFIXES = (".tsv", ".tsv.gz", *DATA_SUFFIXES)
+
+
+def _qrels_files(folder: Path, split: str) -> list[Path]:
+    """The qrels file(s) of ``split``: ours (qrels_<split>.jsonl), BEIR's (qrels/<split>.tsv) or MTEB's
+    (qrels/<split>.parquet, or shards qrels/<split>-*.parquet, default/<split>-*.parquet)."""
+    for path in [folder / f"qrels_{split}{suffix}" for suffix in DATA_SUFFIXES] + \
+                [folder / "qrels" / f"{split}{suffix}" for suffix in QRELS_SUFFIXES]:
+        if path.is_file():
+            return [path]
+    for sub in ("qrels", "default"):
+        shards = sorted(p for p in (folder / sub).glob(f"{split}-*") if p.name.endswith(QRELS_SUFFIXES)) \
+            if (folder / sub).is_dir() else []
+        if shards:
+            return shards
+    raise DataError(f"{folder}: no qrels for split {split!r} (found: {', '.join(splits(folder)) or 'none'}; expected "
+                    f"qrels_{split}.jsonl[.gz] or qrels/{split}.tsv, or qrels/{split}[-*].parquet)")
 
 
 def splits(folder: Path) -> list[str]:
     """The splits ``folder`` has qrels for."""
-    ours = [p.name.removeprefix("qrels_").split(".")[0] for p in folder.glob("qrels_*.jsonl*")]
-    beir = [p.stem for p in (folder / "qrels").glob("*.tsv")] if (folder / "qrels").is_dir() else []
-    return sorted(set(ours + beir))
+    found = [p.name.removeprefix("qrels_").split(".")[0] for p in folder.glob("qrels_*") if p.is_file()]
+    for sub in ("qrels", "default"):
+        if (folder / sub).is_dir():
+            found += [p.name.split(".")[0].split("-")[0] for p in (folder / sub).iterdir()
+                      if p.name.endswith(QRELS_SUFFIXES)]
+    return sorted(set(found))
 
 
-def _qrels_file(folder: Path, split: str) -> Path:
-    for path in (folder / f"qrels_{split}.jsonl", folder / f"qrels_{split}.jsonl.gz",
-                 folder / "qrels" / f"{split}.tsv"):
-        if path.is_file():
-            return path
-    raise DataError(f"{folder}: no qrels for split {split!r} (found: {', '.join(splits(folder)) or 'none'}; expected "
-                    f"qrels_{split}.jsonl[.gz] or qrels/{split}.tsv)")
+def _qrels_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """A qrels file's judgements; a .tsv with BEIR's header line (query-id, corpus-id, score) or without one:
+    query, passage, score, or TREC's query, iteration, passage, score."""
+    if format_of(path) != "tsv":
+        yield from read_records(str(path))
+        return
+    opener = gzip.open if path.name.endswith(".gz") else open
+    header: list[str] | None = None
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            for line_no, line in enumerate(f, start=1):
+                fields = [field.strip() for field in line.rstrip("\r\n").split("\t")]
+                where = f"{path}:{line_no}"
+                if fields == [""]:
+                    continue
+                if line_no == 1 and not _is_integer(fields[-1]):  # a header line: its last field is no score
+                    header = fields
+                elif header is not None:
+                    if len(fields) != len(header):
+                        raise DataError(f"{where}: {len(fields)} fields, the header has {len(header)} "
+                                        f"({', '.join(header)})")
+                    yield where, dict(zip(header, fields, strict=True))
+                elif len(fields) in (3, 4):  # query, passage, score; TREC: query, iteration, passage, score
+                    yield where, {"query_id": fields[0], "corpus_id": fields[-2], "score": fields[-1]}
+                else:
+                    raise DataError(f"{where}: expected query, passage and score separated by tabs (or TREC's "
+                                    f"query, iteration, passage, score), got {len(fields)} fields")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_queries(folder: Path) -> dict[str, str]:
     queries: dict[str, str] = {}
-    for where, record in read_records(str(_find(folder, "queries"))):
+    for where, record in (item for path in _files(folder, "queries") for item in read_records(str(path))):
         query = _id(record, "_id", where)
         text = record.get("text")
         if not isinstance(text, str) or not text.strip():

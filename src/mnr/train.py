@@ -107,7 +107,8 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         if not config.data:
             raise ConfigError("--data: no training files given")
         data = load_training_set([resolve_path(spec, root) for spec in config.data], wants=loss_class.input,
-                                 hard_negatives=config.hard_negatives, column_map=parse_column_map(config.columns))
+                                 hard_negatives=config.hard_negatives, column_map=parse_column_map(config.columns),
+                                 strict_qrels=config.strict_qrels)
     data = data.sample(config.max_examples, config.seed)
     if config.mini_batch_size and not loss_class.cacheable:
         raise ConfigError(f"--mini-batch-size: --loss {config.loss} cannot be computed from cached embeddings")
@@ -191,8 +192,8 @@ def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
     if config.ir_dev:
         if not is_retrieval_spec(config.ir_dev, root):
             raise ConfigError(f"--ir-dev {config.ir_dev}: not a retrieval folder (DIR[:SPLIT][[START:STOP]])")
-        data = load_retrieval(resolve_path(config.ir_dev, root), default_split="dev")
-        evaluators.append(RetrievalEvaluator(data, name="ir_dev"))
+        data = load_retrieval(resolve_path(config.ir_dev, root), default_split="dev", strict=config.strict_qrels)
+        evaluators.append(RetrievalEvaluator(data, name="ir_dev", ignore_identical_ids=config.ignore_identical_ids))
     chosen = config.best_metric.split(":")[0]
     return sorted(evaluators, key=lambda e: e.name != chosen) if chosen else evaluators
 
