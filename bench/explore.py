@@ -220,8 +220,9 @@ def run(name: str, seed: int, data_dir: str, max_examples: int = 0) -> dict:
                 **PROTOTYPES[name][1]}
     root = Path(data_dir)
     with tempfile.TemporaryDirectory(prefix="mnr-explore-") as tmp:
+        # max length 128: what its tables were measured at (the default was 128 then)
         config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output=f"{tmp}/run", seed=seed,
-                             max_examples=max_examples, **settings)
+                             max_examples=max_examples, **{"max_seq_length": 128, **settings})
         parts = prototype(name, config)
         config = dataclasses.replace(config, loss=parts["loss"])
         result = train(config, data=parts["data"], encoder=parts["encoder"], progress=False)

@@ -38,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 NLI_FILES = ["nli/snli_dev.jsonl.gz", "nli/snli_test.jsonl.gz", "nli/mnli_dev_matched.jsonl.gz"]
+MAX_LENGTH = 128  # both sides; the length the GPU tables were measured at (mnr's default was 128 then)
 
 
 def rows_for(smoke: bool) -> list[dict]:
@@ -93,7 +94,8 @@ def train_mnr(row: dict, model: str, data_dir: str, device, workdir: Path) -> di
 
     reset_peak(device)
     config = TrainConfig(model=model, data=NLI_FILES, data_dir=data_dir, output=str(workdir / "mnr"), seed=0,
-                         max_examples=row["max_examples"], eval_steps=10**9, save_every=0, **row["settings"])
+                         max_examples=row["max_examples"], eval_steps=10**9, save_every=0, max_seq_length=MAX_LENGTH,
+                         **row["settings"])
     result = train(config, progress=False)
     return {"rows": result.rows, "seconds": result.train_seconds, "rows_per_s": result.rows / result.train_seconds,
             "peak_mb": peak_mb(device), "model_dir": str(result.final)}
@@ -114,7 +116,7 @@ def train_st(row: dict, model: str, data_dir: str, device, bf16: bool, workdir: 
     from mnr.config import TrainConfig
     from mnr.data import load_training_set, resolve_path
 
-    config = TrainConfig(data=NLI_FILES, **row["settings"])
+    config = TrainConfig(data=NLI_FILES, max_seq_length=MAX_LENGTH, **row["settings"])
     specs = [resolve_path(f, Path(data_dir)) for f in NLI_FILES]
     data = load_training_set(specs, hard_negatives=config.hard_negatives).sample(row["max_examples"], 0)
     names = ("anchor", "positive", "negative")[: len(data.columns)]

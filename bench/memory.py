@@ -43,7 +43,9 @@ def worker(settings: dict, steps: int, data_dir: str) -> dict:
     from mnr.config import TrainConfig
     from mnr.train import batches_of_epoch, make_optimizer, prepare, train_step
 
-    config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output="unused", bf16=True, **settings)
+    # max length 128: what its tables were measured at (the default was 128 then)
+    config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output="unused", bf16=True,
+                         **{"max_seq_length": 128, **settings})
     s = prepare(config)
     optimizer = make_optimizer(s, config)
     s.train_encoder.train()

@@ -55,7 +55,10 @@ def test_resolved_config_round_trips(tmp_path):
     ("lr = -1e-5", r"c.toml: --lr must be a positive number, got -1e-05"),
     ("scale = 0", r"c.toml: --scale must be a positive number, got 0.0"),
     ("warmup_ratio = 1.5", r"--warmup-ratio must be between 0 and 1"),
-    ('data = "one.jsonl"', r"--data must be a list of text"),
+    ("data = [1, 2]", r"--data must be a list of text"),
+    ('sts_dev = ["a.jsonl", 2]', r"--sts-dev must be a list of text"),
+    ("max_seq_length = 1", r"--max-seq-length must be 0 \(the model's own\) or at least 2"),
+    ('sts_dev = ["a.jsonl"]\nbest_metric = "ir_dev"', r"--best-metric must name a dev set of this run \(sts_dev\)"),
     ("bf16 = 1", r"--bf16 must be true or false, got 1"),
     ('loss = "triplet"', r"--loss must be one of mnr, softmax, got 'triplet'"),
     ("[optim]\nlr = 1", r"\[optim\] tables are not used"),
@@ -98,3 +101,24 @@ def test_every_setting_says_whether_it_changes_the_weights():
     assert set(RESULT_SETTINGS) == changing - {"data"}  # the data are compared by content, not by name
     assert {"lr", "batch_size", "seed", "loss", "model"} <= set(RESULT_SETTINGS)
     assert not {"output", "resume", "eval_steps", "save_every"} & set(RESULT_SETTINGS)
+
+
+def test_one_file_where_a_list_is_expected_is_a_list_of_one(tmp_path):
+    """config.toml files written before --sts-dev/--ir-dev took several files hold one string."""
+    path = tmp_path / "old.toml"
+    path.write_text('data = "one.jsonl"\nsts_dev = "sts.jsonl"\nir_dev = ""\n')
+    config = TrainConfig.from_sources(str(path))
+    assert (config.data, config.sts_dev, config.ir_dev) == (["one.jsonl"], ["sts.jsonl"], [])
+
+
+def test_dev_sets_are_named_by_kind_then_by_file():
+    one = TrainConfig(sts_dev=["sts/stsb_dev.jsonl.gz"], ir_dev=["retrieval/scifact:train[:100]"])
+    assert one.dev_sets() == {"sts_dev": ("sts_dev", "sts/stsb_dev.jsonl.gz"),
+                              "ir_dev": ("ir_dev", "retrieval/scifact:train[:100]")}
+    several = TrainConfig(sts_dev=["sts/stsb_dev.jsonl.gz", "other/stsb_dev.csv", "sick.tsv"],
+                          ir_dev=["retrieval/scifact:train[:100]", "beir/nfcorpus:dev"],
+                          best_metric="ir_dev/nfcorpus:recall@100")
+    assert list(several.dev_sets()) == ["sts_dev/stsb_dev", "sts_dev/stsb_dev-2", "sts_dev/sick", "ir_dev/scifact",
+                                        "ir_dev/nfcorpus"]
+    with pytest.raises(ConfigError, match=r"--best-metric must name a dev set of this run \(sts_dev/stsb_dev, "):
+        TrainConfig(sts_dev=["a/stsb_dev.jsonl", "b.jsonl"], best_metric="sts_dev")

@@ -156,7 +156,8 @@ def test_malformed_json_line(tmp_path):
 
 def test_json_line_that_is_not_an_object(tmp_path):
     path = bad(tmp_path, '{"anchor": "a", "positive": "b"}\n["c", "d"]\n')
-    with pytest.raises(DataError, match=rf"^{path}:2: expected a JSON object, got list"):
+    with pytest.raises(DataError, match=rf"^{path}:2: expected a JSON object \(JSON Lines: one object per line\), "
+                                        r"got list"):
         load_training_set([str(path)])
 
 

@@ -15,9 +15,20 @@ def test_auto_is_the_gpu_when_there_is_one():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
         resolve_device("gpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="--device cuda:0: CUDA is not available on this machine"):
-            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("build, gpu, message", [
+    (None, False, r"--device cuda:0: the installed torch \(.*\) is a CPU-only build; install a CUDA build: pip "
+                  r"install --force-reinstall torch==[\d.]+ --index-url .*/cu128 \(or make clean, then make test "
+                  r"TORCH="),
+    ("12.8", False, r"--device cuda:0: CUDA is not available on this machine \(torch .* is a CUDA build, but no "
+                    r"GPU or driver was found\)"),
+], ids=["cpu-build", "cuda-build-no-gpu"])
+def test_cuda_without_cuda_says_why(monkeypatch, build, gpu, message):
+    monkeypatch.setattr(torch.version, "cuda", build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    with pytest.raises(ConfigError, match=message):
+        resolve_device("cuda:0")
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True),

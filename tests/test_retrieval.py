@@ -689,6 +689,6 @@ def test_device_auto_is_the_cpu_here_and_unknown_devices_are_refused(tiny_model_
     assert encoder.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     if not torch.cuda.is_available():
         assert main(["eval", str(tiny_model_dir), "--sts", "x.jsonl", "--device", "cuda"]) == 2
-        assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+        assert "--device cuda: " in capsys.readouterr().err  # no CUDA build, or no GPU: test_device says which
     assert main(["encode", str(tiny_model_dir), "--input", "x.txt", "--output", "y.npy", "--device", "tpu"]) == 2
     assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err

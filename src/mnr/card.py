@@ -49,10 +49,11 @@ class RunFacts:
 
 
 def model_card(facts: RunFacts, path: Path, which: str) -> str:
-    """README.md for the model saved at ``path`` (``which``: "final" or "best")."""
+    """README.md for the model saved at ``path`` (``which``: "final" or "best"). A best/ of step 0 is the
+    base model itself (no evaluation beat it): its card says so and claims no fine-tuning."""
     config = facts.config
     return "\n".join([
-        _front_matter(facts),
+        _front_matter(facts, base=facts.step == 0),
         f"# {path.parent.name}/{path.name}" if path.parent.name else f"# {path.name}",
         "",
         _summary(facts, which),
@@ -146,11 +147,12 @@ def _base_link(model: str) -> str:
     return f"[{model}](https://huggingface.co/{model})" if _is_hub_name(model) else f"`{model}`"
 
 
-def _front_matter(facts: RunFacts) -> str:
-    """YAML the hub reads; hand-written (flat keys and lists of plain words, each quoted as JSON)."""
+def _front_matter(facts: RunFacts, base: bool = False) -> str:
+    """YAML the hub reads; hand-written (flat keys and lists of plain words, each quoted as JSON). ``base``:
+    the model is the base model unchanged, so no training tags."""
     lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:"]
-    lines += [f"- {tag}" for tag in ("sentence-transformers", "sentence-similarity", "feature-extraction", "mnr",
-                                     f"loss:{facts.loss}")]
+    trained = () if base else ("mnr", f"loss:{facts.loss}")
+    lines += [f"- {tag}" for tag in ("sentence-transformers", "sentence-similarity", "feature-extraction", *trained)]
     if _is_hub_name(facts.config.model):
         lines.append(f"base_model: {json.dumps(facts.config.model)}")
     if facts.base_license:
@@ -163,6 +165,12 @@ def _front_matter(facts: RunFacts) -> str:
 
 
 def _summary(facts: RunFacts, which: str) -> str:
+    if facts.step == 0:
+        measure = f" on {facts.best[0]} {facts.best[1]}" if facts.best else ""
+        return (f"This is the base model {_base_link(facts.config.model)} unchanged, not a fine-tuned one: no "
+                f"evaluation of the mnr run below beat it{measure}, so the run's `{which}/` holds the model as it "
+                f"was before the first step (the trained model is the run's `final/`). The run is described "
+                f"below.")
     what = (f"This is the model of step {facts.step} of {facts.total_steps}, the best on "
             f"{facts.best[0]} {facts.best[1]} (`best/` of the run)." if which == "best" and facts.best else
             f"This is the model after the last step ({facts.step} of {facts.total_steps}; `final/` of the run).")
@@ -179,10 +187,10 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
                for metric in next(e[name] for e in facts.evaluations if name in e)]
     base_note = " (step 0 is the base model, before training)" if facts.evaluations[0]["step"] == 0 else ""
     config = facts.config
-    described = {"sts_dev": f"`{config.sts_dev}`", "ir_dev": f"`{config.ir_dev}`" + (
-        ", a passage whose id is the query's own left out of its ranking (MTEB's ignore_identical_ids)"
-        if config.ignore_identical_ids else "")}
-    named = [f"- {name}: {described[name]}" for name in sets if name in described and getattr(config, name)]
+    identical = ", a passage whose id is the query's own left out of its ranking (MTEB's ignore_identical_ids)"
+    described = {name: f"`{spec}`" + (identical if kind == "ir_dev" and config.ignore_identical_ids else "")
+                 for name, (kind, spec) in config.dev_sets().items()}
+    named = [f"- {name}: {described[name]}" for name in sets if name in described]
     lines = ["## Evaluation", "", f"Measured during training on the run's dev set{base_note}:", "",
              *([*named, ""] if named else []),
              "| step | " + " | ".join(f"{name} {metric}" for name, metric in columns) + " |",
@@ -198,6 +206,9 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
         name, metric = facts.best
         lines += ["", f"{name} {metric}: {this[name][metric]:.2f} for this model, {base[name][metric]:.2f} for the "
                       f"base model ({this[name][metric] - base[name][metric]:+.2f})."]
+    if config.bf16:
+        lines += ["", "These scores were computed under bf16 autocast, as the run trained: `mnr eval --bf16` gives "
+                      "the same figures, plain `mnr eval` (fp32) figures a few hundredths apart."]
     return [*lines, ""]
 
 

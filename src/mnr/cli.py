@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune sentence-embedding models with Multiple Negatives Ranking loss, "
                     "and measure them on semantic textual similarity (STS).",
     )
+    from mnr import __version__
+
+    parser.add_argument("--version", action="version", version=f"mnr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_parser = commands.add_parser(
@@ -78,12 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     _add_encoding_flags(eval_parser, "scores move by about 0.01")
 
     encode_parser = commands.add_parser(
-        "encode", help="embed the lines of a text file into a .npy array",
-        description="Embed each line of a UTF-8 text file; row i of the (N, D) float32 array is line i. The file "
-                    "is read and embedded in blocks, so its size is not bounded by memory.")
+        "encode", help="embed texts (a .txt file's lines or a records file's text column) into a file",
+        description="Embed each line of a UTF-8 .txt file, or the text column of each record of a .jsonl/.json/"
+                    ".csv/.tsv (optionally .gz) or .parquet file; row i of the output is line or record i. The "
+                    "output format follows its extension: .npy (the (N, D) float32 array), .npz (embeddings and "
+                    "ids), .jsonl or .parquet (id and embedding per record); ids are the input's _id/id column, "
+                    "else positions. A .txt file is read and embedded in blocks, so its size is not bounded by "
+                    "memory.")
     encode_parser.add_argument("model", metavar="MODEL", help="model directory or hub name")
-    encode_parser.add_argument("--input", required=True, metavar="FILE.txt", help="one text per line")
-    encode_parser.add_argument("--output", required=True, metavar="FILE.npy", help="where to write the embeddings")
+    encode_parser.add_argument("--input", required=True, metavar="FILE", help="one text per line (.txt), or records "
+                               "with a text column")
+    encode_parser.add_argument("--output", required=True, metavar="FILE", help="where to write the embeddings: .npy, "
+                               ".npz, .jsonl or .parquet")
+    encode_parser.add_argument("--columns", default="", help="records: the text column, and the id column to keep "
+                               "beside each embedding: text=NAME[,id=NAME] (default: 'text' or the only column; "
+                               "'_id' or 'id')")
+    encode_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     encode_parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     _add_encoding_flags(encode_parser, "cosines move by about 1e-4")
 
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                              help="top: the best remaining candidates; random: a seeded sample of them")
     mine_parser.add_argument("--seed", type=int, default=0, help="for --sampling random (default: 0)")
     _add_strict_qrels_flag(mine_parser, "its judgement is skipped")
+    mine_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_encoding_flags(mine_parser, "scores move by about 1e-4")
 
     plot_parser = commands.add_parser(
@@ -144,8 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_encoding_flags(parser: argparse.ArgumentParser, bf16_effect: str) -> None:
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help=f"encode under bf16 autocast (faster where the device "
                         f"computes bf16 natively; {bf16_effect})")
@@ -169,8 +193,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} (default: {default!r})" if shown else f.metadata["help"]
         if kind in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind == list[str]:
-            parser.add_argument(flag, nargs="+", default=None, metavar="FILE", help=help_text)
+        elif kind == list[str]:  # a repeated flag adds to the list (argparse's default would keep the last)
+            parser.add_argument(flag, nargs="+", action="extend", default=None,
+                                metavar="SPEC" if f.name in ("data", "ir_dev") else "FILE", help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
@@ -258,13 +283,17 @@ def _eval(args: argparse.Namespace) -> int:
         retrieval_sets[name] = RetrievalEvaluator(data, name=name, ignore_identical_ids=args.ignore_identical_ids)
         counts[name] = {"queries": len(data.queries), "passages": len(data.passages), "skipped_queries": data.skipped,
                         "missing_judgements": data.missing, "ignore_identical_ids": args.ignore_identical_ids}
+    # every model loads (on the CPU) before any is scored: a typo in the last one fails now, not after minutes
+    encoders = {model: SentenceEncoder.load(model, device="cpu") for model in args.models}
     sts_results, retrieval_results = {}, {}
-    for model in args.models:
-        encoder = SentenceEncoder.load(model, device=device)
-        sts_results[model] = {name: evaluate_sts(encoder, examples, args.batch_size, bf16=args.bf16)
+    for model, encoder in encoders.items():
+        encoder.to(device)
+        sts_results[model] = {name: evaluate_sts(encoder, examples, args.batch_size, bf16=args.bf16, progress=name)
                               for name, examples in sts_sets.items()}
-        retrieval_results[model] = {name: evaluator(encoder, batch_size=args.batch_size, bf16=args.bf16)
+        retrieval_results[model] = {name: evaluator(encoder, batch_size=args.batch_size, bf16=args.bf16,
+                                                    progress=True)
                                     for name, evaluator in retrieval_sets.items()}
+        encoder.to("cpu")
     tables = [comparison_table(sts_results)] if sts_sets else []
     tables += [retrieval_table(retrieval_results)] if retrieval_sets else []
     print("\n\n".join(tables))
@@ -279,35 +308,42 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from mnr.data import count_texts, text_blocks
-    from mnr.fileio import atomic_file
+    from mnr.embedding_files import check_output, read_texts, write_embeddings
     from mnr.model import SentenceEncoder
 
     device = resolve_device(args.device)
-    source = Path(args.input)
-    count = count_texts(source)
-    encoder = SentenceEncoder.load(args.model, device=device)
     output = Path(args.output)
-    with atomic_file(output) as tmp:  # never a half-written array at --output
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, encoder.dim))
-        row = 0
-        for block in text_blocks(source, count, ENCODE_BLOCK):
-            array[row : row + len(block)] = encoder.encode(block, batch_size=args.batch_size,
-                                                           normalize=args.normalize, bf16=args.bf16)
-            row += len(block)
-        array.flush()
-        del array
-    print(f"{output}: {count} x {encoder.dim} float32")
+    check_output(output, args.overwrite)
+    texts = read_texts(Path(args.input), args.columns)
+    encoder = SentenceEncoder.load(args.model, device=device)
+    with _progress(texts.count, "encode", "text") as bar:
+        def embed(block):
+            embeddings = encoder.encode(block, batch_size=args.batch_size, normalize=args.normalize, bf16=args.bf16)
+            bar.update(len(block))
+            return embeddings
+
+        write_embeddings(output, texts, encoder.dim, embed)
+    print(f"{output}: {texts.count} x {encoder.dim} float32")
     return 0
 
 
-ENCODE_BLOCK = 65536  # texts read, sorted by length and embedded at a time: bounds memory, keeps batches tight
+def _progress(total: int, desc: str, unit: str):
+    """A progress bar on stderr, as training shows its own."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from mnr.data import RANKING, data_dir, format_of, load_training_set, parse_column_map, resolve_path, write_rows
+    from mnr.data import (
+        RANKING,
+        check_writable,
+        data_dir,
+        load_training_set,
+        parse_column_map,
+        resolve_path,
+        write_rows,
+    )
     from mnr.errors import DataError
     from mnr.mine import MiningSettings, columns, mine, mining_corpus
     from mnr.model import SentenceEncoder
@@ -317,7 +353,7 @@ def _mine(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     root = data_dir(args.data_dir)
     output = Path(args.output)
-    format_of(output)  # a file type we can write, before any work
+    check_writable(output, args.overwrite)  # before any work: mining takes minutes
     data = load_training_set([resolve_path(spec, root) for spec in args.data], wants=RANKING,
                              column_map=parse_column_map(args.columns), strict_qrels=args.strict_qrels)
     rows = [(row[0], row[1]) for row in data.rows]
@@ -342,6 +378,8 @@ def _plot(args: argparse.Namespace) -> int:
         raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
     output = Path(args.output) if args.output else (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1
                                                     else Path("curves.png"))
+    if not output.resolve().parent.is_dir():
+        raise ConfigError(f"--output {output}: no such directory {output.resolve().parent}")
     print(plot_runs([Path(run) for run in args.runs], output, args.labels))
     return 0
 

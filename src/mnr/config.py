@@ -79,7 +79,8 @@ class TrainConfig:
     scale: float = _f(20.0, "mnr: cosine similarities are multiplied by this (1 / temperature)", weights=True)
     # model
     pooling: str = _f("", "mean, cls or max (default: the model's own; mean for a plain checkpoint)", weights=True)
-    max_seq_length: int = _f(128, "truncate texts to this many tokens", weights=True)
+    max_seq_length: int = _f(0, "truncate texts to this many tokens; saved with the model (0: the model's own, e.g. "
+                                "256 for all-MiniLM-L6-v2, 512 for a plain BERT checkpoint)", weights=True)
     packing: bool = _f(True, "run the encoder on real tokens only, no padding (BERT/RoBERTa-family models; "
                              "others always pad)", weights=True)
     # optimisation
@@ -101,16 +102,18 @@ class TrainConfig:
                            weights=True)
     device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N", weights=False)
     # evaluation
-    sts_dev: str = _f("", "STS file (sentence1, sentence2, score) to evaluate on during training; best/ keeps the "
-                          "best model by its Spearman", weights=False)
-    ir_dev: str = _f("", "retrieval dev set to evaluate on during training, DIR[:SPLIT][[START:STOP]] (a BEIR-layout "
-                         "folder, e.g. retrieval/scifact:train[:100]); best/ keeps the best model by its NDCG@10",
-                     weights=False)
+    sts_dev: list[str] = _f([], "STS files (sentence1, sentence2, score) to evaluate on during training; best/ keeps "
+                                "the best model by the first one's Spearman (see --best-metric); with several, each "
+                                "is named sts_dev/FILE_STEM", weights=False)
+    ir_dev: list[str] = _f([], "retrieval dev sets to evaluate on during training, DIR[:SPLIT][[START:STOP]] (BEIR-"
+                               "layout folders, e.g. retrieval/scifact:train[:100]); best/ keeps the best model by "
+                               "NDCG@10; with several, each is named ir_dev/FOLDER", weights=False)
     ignore_identical_ids: bool = _f(False, "--ir-dev: leave a passage whose id is the query's own out of that "
                                            "query's ranking (MTEB's rule where queries are themselves passages: "
                                            "argument retrieval, duplicate questions)", weights=False)
-    best_metric: str = _f("", "the dev metric best/ is chosen by: sts_dev or ir_dev (their headline metric), or "
-                              "SET:METRIC, e.g. ir_dev:recall@100 (default: the first dev set given)", weights=False)
+    best_metric: str = _f("", "the dev metric best/ is chosen by: a dev set (its headline metric: sts_dev, ir_dev, "
+                              "or with several of a kind sts_dev/FILE_STEM, ir_dev/FOLDER) or SET:METRIC, e.g. "
+                              "ir_dev:recall@100 (default: the first dev set given, STS first)", weights=False)
     eval_steps: int = _f(500, "evaluate on the dev set every this many steps (and before and after training)",
                          weights=False)
     tensorboard: bool = _f(False, "also write the loss, learning rate and dev metrics as TensorBoard scalars to "
@@ -126,6 +129,10 @@ class TrainConfig:
                        "shared across all of them", weights=False)
 
     def __post_init__(self):
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):  # one file where a list is expected: a list of one (older config.toml)
+            if hints[f.name] == list[str] and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, [getattr(self, f.name)] if getattr(self, f.name) else [])
         _check_types(self, "")
         checks = [
             (self.pooling in ("", "mean", "cls", "max"), "--pooling must be mean, cls or max"),
@@ -136,7 +143,8 @@ class TrainConfig:
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (math.isfinite(self.scale) and self.scale > 0, "--scale must be a positive number"),
-            (self.max_seq_length >= 2, "--max-seq-length must be at least 2 (room for the special tokens)"),
+            (self.max_seq_length == 0 or self.max_seq_length >= 2,
+             "--max-seq-length must be 0 (the model's own) or at least 2 (room for the special tokens)"),
             (self.max_examples >= 0, "--max-examples must be >= 0"),
             (self.eval_steps >= 1, "--eval-steps must be at least 1"),
             (self.mini_batch_size >= 0, "--mini-batch-size must be >= 0"),
@@ -151,10 +159,9 @@ class TrainConfig:
             (self.mine_negatives or not self.mine_model, "--mine-model is used only with --mine-negatives"),
             (self.nproc == 1 or not self.mine_negatives,
              "--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its file"),
-            (self.best_metric.split(":")[0] in ("", "sts_dev", "ir_dev"),
-             "--best-metric must be sts_dev, ir_dev or SET:METRIC (e.g. ir_dev:recall@100)"),
-            (self.best_metric.split(":")[0] in ("", "sts_dev" if self.sts_dev else "", "ir_dev" if self.ir_dev else ""),
-             "--best-metric names a dev set this run does not have (--sts-dev / --ir-dev)"),
+            (self.best_metric.partition(":")[0] in ("", *self.dev_sets()),
+             "--best-metric must name a dev set of this run (" + (", ".join(self.dev_sets()) or "none: give --sts-dev "
+             "or --ir-dev") + "), optionally with :METRIC (e.g. ir_dev:recall@100)"),
             (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "--device must be auto, cpu, cuda or cuda:N"),
         ]
@@ -165,6 +172,18 @@ class TrainConfig:
         from mnr.losses import check_settings  # the loss says which settings it reads
 
         check_settings(self)
+
+    def dev_sets(self) -> dict[str, tuple[str, str]]:
+        """{name: (kind, spec)} of every dev set, in the order best/ prefers them (STS first): "sts_dev" and
+        "ir_dev" when there is one of a kind, else "sts_dev/FILE_STEM" and "ir_dev/FOLDER" (a number added
+        to a name given twice). Names have no ':' (--best-metric SET:METRIC)."""
+        sets: dict[str, tuple[str, str]] = {}
+        for kind, specs in (("sts_dev", self.sts_dev), ("ir_dev", self.ir_dev)):
+            for spec in specs:
+                name = kind if len(specs) == 1 else f"{kind}/{_stem(spec, kind)}"
+                name = next(n for n in (name, *(f"{name}-{i}" for i in range(2, len(specs) + 2))) if n not in sets)
+                sets[name] = (kind, spec)
+        return sets
 
     # ------------------------------------------------------------ files
 
@@ -177,9 +196,9 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The resolved config, to save beside the model: every field, in declaration order."""
-        lines = ["# resolved mnr training config: `mnr train --config THIS_FILE` repeats the run"]
+        lines = ["# resolved mnr training config: `mnr train --config THIS_FILE --output NEW_DIR` repeats the run"]
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value = False if f.name == "resume" else getattr(self, f.name)  # a flag of one command, not a setting
             lines.append(f"# {f.name}: not set (decided at run time)" if value is None else
                          f"{f.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
@@ -206,6 +225,16 @@ def load_toml(path: str | Path) -> dict:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return values
+
+
+def _stem(spec: str, kind: str) -> str:
+    """A dev set's short name: an STS file's name without its extensions; a retrieval folder's name."""
+    if kind == "ir_dev":
+        return Path(spec.split(":")[0].split("[")[0].rstrip("/")).name
+    name = Path(spec).name.removesuffix(".gz")
+    for ext in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
+        name = name.removesuffix(ext)
+    return name.replace(":", "_")
 
 
 def _check_types(config: TrainConfig, where: str) -> None:

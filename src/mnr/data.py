@@ -208,6 +208,16 @@ def short_name(spec: str) -> str:
     return name
 
 
+def check_writable(path: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, a rows file ``write_rows`` cannot write, or one it would silently replace."""
+    if format_of(path) == "parquet":
+        raise DataError(f"{path}: write .jsonl, .csv or .tsv (optionally .gz)")
+    if not path.resolve().parent.is_dir():
+        raise DataError(f"{path}: no such directory {path.resolve().parent}")
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} exists; give --overwrite to replace it")
+
+
 def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Write rows of texts as JSONL, CSV or TSV (by the file's extension, optionally .gz), atomically:
     a temporary file renamed into place, so ``path`` never holds half a file."""
@@ -289,6 +299,12 @@ def read_records(spec: str) -> Iterator[tuple[str, dict]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    if _json_array_file(path):
+        with _open_text(path) as f:
+            start = f.read(4096).lstrip()[:1]
+        if start == "[":
+            yield from _read_json_array(path)
+            return
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -296,10 +312,28 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{line_no}: malformed JSON (column {e.colno}: {e.msg})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{path}:{line_no}: expected a JSON object (JSON Lines: one object per line), got "
+                                f"{type(record).__name__}")
             yield f"{path}:{line_no}", record
+
+
+def _json_array_file(path: Path) -> bool:
+    return path.name.lower().removesuffix(".gz").endswith(".json")
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, dict]]:
+    """A .json file holding one array of objects (as pandas' to_json(orient="records") writes)."""
+    with _open_text(path) as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON (column {e.colno}: {e.msg})") from None
+    for n, record in enumerate(items, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: item {n} of the array: expected a JSON object, got {type(record).__name__}")
+        yield f"{path}:item {n}", record
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
@@ -369,10 +403,14 @@ def _read_hub(spec: str) -> Iterator[tuple[str, dict]]:
 # ---------------------------------------------------------------- column handling
 
 
-def parse_column_map(text: str | dict[str, str] | None) -> dict[str, str]:
+TRAINING_COLUMNS = {"anchor", "positive", "negative", "premise", "hypothesis", "label", "sentence1", "sentence2",
+                    "score"}
+
+
+def parse_column_map(text: str | dict[str, str] | None, known: set[str] = TRAINING_COLUMNS) -> dict[str, str]:
     """``"anchor=question,positive=answer"`` -> {"question": "anchor", "answer": "positive"}.
 
-    The result maps a file's column name to ours.
+    The result maps a file's column name to ours (``known``, and negative_N).
     """
     if not text:
         return {}
@@ -385,7 +423,6 @@ def parse_column_map(text: str | dict[str, str] | None) -> dict[str, str]:
             if not sep or not ours.strip() or not theirs.strip():
                 raise DataError(f"--columns: expected OURS=THEIRS[,OURS=THEIRS...], got {part!r}")
             items.append((ours.strip(), theirs.strip()))
-    known = {"anchor", "positive", "negative", "premise", "hypothesis", "label", "sentence1", "sentence2", "score"}
     mapping = {}
     for ours, theirs in items:
         if ours not in known and not ours.startswith("negative_"):
@@ -453,6 +490,10 @@ def _peek(spec: str, column_map: dict[str, str]) -> tuple[set[str], Records]:
         where, first = next(records)
     except StopIteration:
         raise DataError(f"{spec}: empty file (no records)") from None
+    for theirs, ours in column_map.items():
+        if theirs not in first and ours not in first:
+            raise DataError(f"{where}: --columns {ours}={theirs}: the file has no column {theirs!r} (its columns: "
+                            f"{', '.join(map(str, first))})")
     first = _renamed(first, column_map)
 
     def chained():

@@ -26,8 +26,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and torch.version.cuda is None:
+        version = torch.__version__.split("+")[0]
+        raise ConfigError(f"--device {name}: the installed torch ({torch.__version__}) is a CPU-only build; install a "
+                          f"CUDA build: pip install --force-reinstall torch=={version} --index-url "
+                          f"https://download.pytorch.org/whl/cu128 (or make clean, then make test TORCH=\"torch=="
+                          f"{version} --index-url https://download.pytorch.org/whl/cu128\")")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__} is a "
+                          "CUDA build, but no GPU or driver was found)")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(name)

@@ -23,13 +23,14 @@ class Evaluator(Protocol):
     primary: str  # its headline metric (higher is better), e.g. "spearman"
     metrics: tuple[str, ...]  # every metric it reports (all higher-is-better)
 
-    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
-        """Every metric, by name (x100 where it is a fraction)."""
+    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
+                 progress: bool = False) -> dict[str, float]:
+        """Every metric, by name (x100 where it is a fraction); ``progress``: a progress bar while it runs."""
         ...
 
 
 def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64,
-                 bf16: bool = False) -> dict[str, float]:
+                 bf16: bool = False, progress: bool | str = False) -> dict[str, float]:
     """Spearman and Pearson correlation (x100) of cosine(sentence1, sentence2) with the gold scores.
 
     Spearman is the headline figure (Reimers et al. 2016, "Task-Oriented Intrinsic Evaluation of
@@ -38,7 +39,7 @@ def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch
     """
     sentences = list(dict.fromkeys(s for e in examples for s in (e.sentence1, e.sentence2)))
     index = {s: i for i, s in enumerate(sentences)}
-    embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True, bf16=bf16)
+    embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True, bf16=bf16, show_progress=progress)
     a = embeddings[[index[e.sentence1] for e in examples]]
     b = embeddings[[index[e.sentence2] for e in examples]]
     cosine = (a * b).sum(axis=1)
@@ -59,8 +60,9 @@ class STSEvaluator:
         self.examples = examples
         self.name = name
 
-    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
-        return evaluate_sts(encoder, self.examples, batch_size, bf16)
+    def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
+                 progress: bool = False) -> dict[str, float]:
+        return evaluate_sts(encoder, self.examples, batch_size, bf16, progress=progress and self.name)
 
 
 def comparison_table(results: dict[str, dict[str, dict[str, float]]], metrics: dict[str, str] | None = None) -> str:

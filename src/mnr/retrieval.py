@@ -218,9 +218,9 @@ def retrieval_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def encode_for_search(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int, bf16: bool,
                       what: str = "") -> torch.Tensor:
-    """Normalised (N, D) embeddings for cosine search."""
+    """Normalised (N, D) embeddings for cosine search; ``what`` names a progress bar (none without it)."""
     return torch.from_numpy(encoder.encode(texts, batch_size=batch_size, normalize=True, bf16=bf16,
-                                           show_progress=bool(what) and len(texts) > 5000))
+                                           show_progress=what or False))
 
 
 class RetrievalEvaluator:
@@ -241,17 +241,19 @@ class RetrievalEvaluator:
         self.ignore_identical_ids = ignore_identical_ids
 
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
-                 passages: torch.Tensor | None = None) -> dict[str, float]:
-        return mean_metrics(self.rankings(encoder, batch_size=batch_size, bf16=bf16, passages=passages),
-                            self.data.qrels)
+                 progress: bool = False, passages: torch.Tensor | None = None) -> dict[str, float]:
+        return mean_metrics(self.rankings(encoder, batch_size=batch_size, bf16=bf16, progress=progress,
+                                          passages=passages), self.data.qrels)
 
     def rankings(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
-                 passages: torch.Tensor | None = None) -> dict[str, list[str]]:
+                 progress: bool = False, passages: torch.Tensor | None = None) -> dict[str, list[str]]:
         """The TOP_K passage ids each judged query ranks first, best first."""
         query_ids = list(self.data.qrels)
-        queries = encode_for_search(encoder, [self.data.queries[q] for q in query_ids], batch_size, bf16)
+        queries = encode_for_search(encoder, [self.data.queries[q] for q in query_ids], batch_size, bf16,
+                                    what=progress and f"{self.name}: queries")
         if passages is None:
-            passages = encode_for_search(encoder, self.data.passages, batch_size, bf16, what="corpus")
+            passages = encode_for_search(encoder, self.data.passages, batch_size, bf16,
+                                         what=progress and f"{self.name}: corpus")
         elif passages.shape != (len(self.data.passages), encoder.dim):
             raise ValueError(f"passages: expected ({len(self.data.passages)}, {encoder.dim}) embeddings of the corpus, "
                              f"got {tuple(passages.shape)}")

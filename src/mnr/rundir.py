@@ -1,7 +1,7 @@
 """The run directory: what a training run writes, and how a stopped run continues where it stopped.
 
     OUTPUT/
-        config.toml              every setting of the run; `mnr train --config` repeats it
+        config.toml              every setting of the run; `mnr train --config FILE --output NEW_DIR` repeats it
         log.jsonl                one line per step (loss, lr) and per evaluation
         checkpoints/step-N/      checkpoint.pt (model, loss and optimizer state, every process's RNG
                                  states, the position in the data, the best score) and state.json
@@ -79,8 +79,9 @@ class RunDir:
             if (output / "final").exists():
                 raise ConfigError(f"--resume: the run in {output} has already finished ({output / 'final'})")
         elif (output / "final").exists():
-            raise ConfigError(f"--output: {output} already holds a finished run ({output / 'final'}); "
-                              "choose another directory or remove it")
+            raise ConfigError(f"--output: {output} already holds a finished run ({output / 'final'}); choose "
+                              f"another directory or remove it (to repeat that run: mnr train --config "
+                              f"{output / 'config.toml'} --output NEW_DIR)")
         elif run.latest_checkpoint(quiet=True) is not None:
             raise ConfigError(f"--output: {output} holds checkpoints of an unfinished run; add --resume to "
                               "continue it, or choose another directory")
@@ -109,7 +110,7 @@ class RunDir:
         """Append ``entry`` to log.jsonl (and its numbers to TensorBoard, when it is on)."""
         with open(self.path / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
-        if self.tensorboard is not None and "done" not in entry:
+        if self.tensorboard is not None and "done" not in entry and "mining" not in entry:
             for key, value in entry.items():
                 if isinstance(value, dict):  # an evaluation: {metric: value}
                     for metric, number in value.items():
@@ -208,7 +209,8 @@ class RunDir:
 
 def evaluations(entries: list[dict]) -> list[dict]:
     """The evaluation lines of a log: {"step": N, DEV_SET: {METRIC: value}, ...}."""
-    return [e for e in entries if "done" not in e and any(isinstance(v, dict) for v in e.values())]
+    return [e for e in entries
+            if "done" not in e and "mining" not in e and any(isinstance(v, dict) for v in e.values())]
 
 
 def checkpoint_payload(position: Position, fingerprint: dict, stateful: dict, rngs: list[dict]) -> dict:

@@ -87,6 +87,7 @@ class Setup:
     # dev set name -> its corpus as the base model embedded it while mining: the evaluation before the first
     # step uses these instead of encoding the corpus again (minutes on a CPU)
     base_passages: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    mining: dict = dataclasses.field(default_factory=dict)  # --mine-negatives: what mining kept and left out (logged)
 
 
 def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
@@ -126,12 +127,16 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         encoder = SentenceEncoder.load(config.model, pooling=config.pooling or None,
                                        max_seq_length=config.max_seq_length, packed=config.packing, device=device)
     encoder.to(device)
-    base_passages = {}
+    base_passages, mining_record = {}, {}
     if config.mine_negatives:
         miner = encoder
         if config.mine_model:  # e.g. a first run's best/: a second round of mining, with its own settings
             miner = SentenceEncoder.load(config.mine_model, packed=config.packing, device=device)
-        data, candidates = mine_negatives(config, data, corpus, miner, bf16, progress)
+        rows_before = len(data)
+        data, candidates, mined = mine_negatives(config, data, corpus, miner, bf16, progress)
+        mining_record = {"model": config.mine_model or config.model, "rows": rows_before, "kept": len(mined.rows),
+                         "left_out": mined.short, "candidates_removed": mined.skipped,
+                         "positive_mean": round(mined.positive_mean, 4), "negative_mean": round(mined.negative_mean, 4)}
         if miner is encoder:  # the step-0 evaluation scores the base model: it reuses the corpus mining embedded
             base_passages = {e.name: emb for e in evaluators if isinstance(e, RetrievalEvaluator)
                              and (emb := candidates.embeddings_of(e.data.passages)) is not None}
@@ -161,11 +166,11 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, evaluators, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
-                 total_steps, rank, world_size, base_passages)
+                 total_steps, rank, world_size, base_passages, mining_record)
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
-                   progress: bool) -> tuple[TrainingSet, mining.Candidates]:
+                   progress: bool) -> tuple[TrainingSet, mining.Candidates, mining.Mined]:
     """--mine-negatives: each (anchor, positive) row with the negatives ``encoder`` ranks best in ``corpus``,
     and the ranking (with the corpus embeddings). Mining is deterministic on a device, so a resumed run mines the
     same rows (its checkpoint checks that)."""
@@ -181,20 +186,22 @@ def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], en
                         "lower --mine-negatives or --mine-relative-margin, or raise --mine-range-max")
     log.info("mined: %s", mined.summary())
     return TrainingSet(("anchor", "positive") + ("negative",) * config.mine_negatives, mined.rows,
-                       data.sources_of(mined.kept)), candidates
+                       data.sources_of(mined.kept)), candidates, mined
 
 
 def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
-    """The dev sets the config names, loaded (and checked) now; the one best/ is chosen by first."""
+    """The dev sets the config names (``config.dev_sets()``), loaded (and checked) now; the one best/ is
+    chosen by first."""
     evaluators: list[Evaluator] = []
-    if config.sts_dev:
-        evaluators.append(STSEvaluator(load_sts(resolve_path(config.sts_dev, root)), name="sts_dev"))
-    if config.ir_dev:
-        if not is_retrieval_spec(config.ir_dev, root):
-            raise ConfigError(f"--ir-dev {config.ir_dev}: not a retrieval folder (DIR[:SPLIT][[START:STOP]])")
-        data = load_retrieval(resolve_path(config.ir_dev, root), default_split="dev", strict=config.strict_qrels)
-        evaluators.append(RetrievalEvaluator(data, name="ir_dev", ignore_identical_ids=config.ignore_identical_ids))
-    chosen = config.best_metric.split(":")[0]
+    for name, (kind, spec) in config.dev_sets().items():
+        if kind == "sts_dev":
+            evaluators.append(STSEvaluator(load_sts(resolve_path(spec, root)), name=name))
+            continue
+        if not is_retrieval_spec(spec, root):
+            raise ConfigError(f"--ir-dev {spec}: not a retrieval folder (DIR[:SPLIT][[START:STOP]])")
+        data = load_retrieval(resolve_path(spec, root), default_split="dev", strict=config.strict_qrels)
+        evaluators.append(RetrievalEvaluator(data, name=name, ignore_identical_ids=config.ignore_identical_ids))
+    chosen = config.best_metric.partition(":")[0]
     return sorted(evaluators, key=lambda e: e.name != chosen) if chosen else evaluators
 
 
@@ -307,7 +314,15 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     ``data`` and ``encoder``: see ``prepare``.
     """
     run = RunDir.for_config(config)
-    s = prepare(config, data=data, encoder=encoder, progress=progress)
+    # Loading, mining and evaluating take minutes, and a checkpoint cannot keep half of them: a stop
+    # during them acts at once (one process only: several must stop together, at a step's end).
+    alone = distributed.world()[1] == 1
+    try:
+        with _StopSignals(at_once=alone) as stop, stop.at_once():
+            s = prepare(config, data=data, encoder=encoder, progress=progress)
+    except _StopNow as e:
+        raise Stopped(f"stopped by {signal.Signals(e.signal).name} before the first step (while loading and mining); "
+                      "nothing was trained", e.signal) from None
     config = dataclasses.replace(config, bf16=s.bf16)  # what ran: in config.toml, checkpoints and model cards
     main = s.rank == 0
     optimizer = make_optimizer(s, config)
@@ -328,6 +343,8 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         run.start(config, position.step)
         if config.mine_negatives:  # what was trained on, to read (or to train on again without mining)
             write_rows(run.path / MINED_FILE, columns(config.mine_negatives), s.data.rows)
+            if position.step == 0:
+                run.record({"step": 0, "mining": s.mining})
     best = best_metric(config, s.evaluators)
     facts = RunFacts(config, s.data, type(s.objective).__name__, s.encoder.pooling, s.encoder.dim,
                      s.encoder.max_seq_length, s.encoder.normalize, s.world_size, total_steps,
@@ -355,7 +372,8 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         results = {}
         for e in s.evaluators:
             known = (passages or {}).get(e.name)  # its corpus embedded by this same model (a retrieval dev set)
-            results[e.name] = e(s.encoder, bf16=s.bf16) if known is None else e(s.encoder, bf16=s.bf16, passages=known)
+            extra = {} if known is None else {"passages": known}
+            results[e.name] = e(s.encoder, bf16=s.bf16, progress=progress, **extra)
         run.record({"step": step, **results})
         facts.evaluations.append({"step": step, **results})
         tqdm.write(f"step {step}: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
@@ -386,10 +404,26 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     s.train_encoder.train()
     bar = tqdm(total=total_steps, initial=position.step, desc="train", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
-    with _StopSignals() as stop:
-        if position.step == 0 and s.evaluators and main:
-            tqdm.write(f"evaluating the base model on {', '.join(e.name for e in s.evaluators)} before training")
-            evaluate(0, s.base_passages)  # mining embedded the corpus with this same model
+    def evaluated(step: int) -> bool:
+        return any(e["step"] == step for e in facts.evaluations)
+
+    def stopped(number: int, where: str, path: Path | None) -> Stopped:
+        bar.close()
+        saved = f"checkpoint {path} saved" if path else "no checkpoint yet"
+        return Stopped(f"stopped by {signal.Signals(number).name} {where}; {saved}", number)
+
+    with _StopSignals(at_once=alone) as stop:
+        # the base model's score before training; on resume, an evaluation a stop cut short
+        due = position.step == 0 or position.step % config.eval_steps == 0 or position.step == total_steps
+        if s.evaluators and main and due and not evaluated(position.step):
+            if position.step == 0:
+                tqdm.write(f"evaluating the base model on {', '.join(e.name for e in s.evaluators)} before training")
+            try:
+                with stop.at_once():
+                    evaluate(position.step, s.base_passages)  # mining embedded the corpus with this same model
+            except _StopNow as e:
+                raise stopped(e.signal, f"while evaluating step {position.step}",
+                              run.latest_checkpoint(quiet=True)) from None
         s.base_passages.clear()  # only the base model's: free them
         for epoch in range(position.epoch, config.epochs):
             batches = batches_of_epoch(s.data, config, epoch, s.rank, s.world_size)
@@ -414,16 +448,22 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
                 position.train_seconds += time.perf_counter() - t0
                 bar.update()
                 if evaluating:
-                    evaluate(step)
+                    try:
+                        with stop.at_once():
+                            evaluate(step)
+                    except _StopNow:  # the checkpoint is of this step: resuming evaluates it again first
+                        stopping = True
                 if stopping or saving:
                     path = save_checkpoint()
                     if stopping:
-                        bar.close()
-                        number = stop.signal or signal.SIGTERM
-                        raise Stopped(f"stopped by {signal.Signals(number).name} at step {step} of {total_steps}; "
-                                      f"checkpoint {path} saved", number)
-    bar.close()
-    evaluate(total_steps)
+                        raise stopped(stop.signal or signal.SIGTERM, f"at step {step} of {total_steps}", path)
+        bar.close()
+        if not evaluated(total_steps):
+            try:
+                with stop.at_once():
+                    evaluate(total_steps)
+            except _StopNow as e:
+                raise stopped(e.signal, f"while evaluating the last step ({total_steps})", save_checkpoint()) from None
     if config.save_every:
         save_checkpoint()
     summary = {}
@@ -454,24 +494,55 @@ def run_summary(run: RunDir, config: TrainConfig, position: Position, best: tupl
                     "best_score": round(position.best_score, 2), "best_step": position.best_step,
                     "base_score": round(base[best[0]][best[1]], 2) if base else None}
     models = [config.model, summary["final"]] + ([summary["best"]] if "best" in summary else [])
-    sts = ["--sts", config.sts_dev] if config.sts_dev else ["--sts", "YOUR_STS_FILE"]
-    data = ["--data-dir", str(facts.data_dir)] if config.sts_dev and facts.data_dir else []
-    summary["next"] = shlex.join(["mnr", "eval", *models, *sts, *data])
+    # the dev sets' own files, for a table of every model on them (retrieval: the folders' test split)
+    sets = (["--sts", *config.sts_dev] if config.sts_dev else []) + \
+        (["--retrieval", *dict.fromkeys(spec.split(":")[0].split("[")[0] for spec in config.ir_dev)]
+         if config.ir_dev else [])
+    data = ["--data-dir", str(facts.data_dir)] if sets and facts.data_dir else []
+    summary["next"] = shlex.join(["mnr", "eval", *models, *(sets or ["--sts", "YOUR_STS_FILE"]), *data])
     return summary
+
+
+class _StopNow(Exception):
+    """A stop signal that arrived inside ``_StopSignals.at_once()``."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.signal = number
 
 
 class _StopSignals:
     """SIGINT and SIGTERM ask the loop to stop after the current step (and write a checkpoint).
-    A second Ctrl-C stops at once."""
+    Inside ``at_once()`` (loading, mining, an evaluation: minutes of work that a checkpoint cannot keep)
+    they raise ``_StopNow`` there and then (unless ``at_once`` is False: then it is a no-op). A second
+    Ctrl-C stops at once."""
 
-    def __init__(self):
+    def __init__(self, at_once: bool = True):
         self.signal: int | None = None
         self.previous: dict = {}
+        self.immediate = False
+        self.allowed = at_once
+
+    @contextlib.contextmanager
+    def at_once(self):
+        if not self.allowed:
+            yield
+            return
+        if self.signal is not None:  # asked before this work began
+            raise _StopNow(self.signal)
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
 
     def _handle(self, number, frame):
         if self.signal is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = number
+        if self.immediate:
+            self.immediate = False
+            raise _StopNow(number)
         tqdm.write(f"{signal.Signals(number).name}: stopping after this step and writing a checkpoint "
                    "(Ctrl-C again to stop at once)")
 
