@@ -184,7 +184,7 @@ def prototype(name: str, config: TrainConfig) -> dict:
         out["loss"] = "guided"
         out["data"] = dataclasses.replace(triplets, labels=list(range(len(triplets))))
     if name in ("no-dropout", "frozen-word-embeddings"):
-        encoder = SentenceEncoder.load(config.model, max_seq_length=config.max_seq_length, packed=config.packing)
+        encoder = SentenceEncoder.load(config.model, max_seq_length=config.max_seq_length, layout=config.layout)
         if name == "no-dropout":
             for module in encoder.transformer.modules():  # attention reads its rate from its Dropout's p
                 if isinstance(module, torch.nn.Dropout):

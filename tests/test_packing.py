@@ -32,7 +32,7 @@ def tiny(model_type: str, tokenizer, pooling: str) -> SentenceEncoder:
 def padded_twin(encoder: SentenceEncoder) -> SentenceEncoder:
     twin = copy.deepcopy(encoder)
     twin.transformer.set_attn_implementation("sdpa")
-    twin.packed = False
+    twin.set_layout("padded")
     return twin
 
 
@@ -97,7 +97,7 @@ def jagged_and_padded(tiny_encoder, model_type, device, dtype):
     """The tiny model in the jagged layout and its padded twin, and their embeddings of the same texts
     (weights in fp64 for an fp64 run, else fp32; bf16 means fp32 weights under bf16 autocast)."""
     packed = tiny(model_type, tiny_encoder.tokenizer, "mean").to(device)
-    packed.jagged = True
+    packed.set_layout("jagged")
     packed = packed.to(torch.float64 if dtype == torch.float64 else torch.float32)
     padded = padded_twin(packed)
     ids = packed.tokenize(SENTENCES[:12] + ["word " * 40, "x"])
@@ -181,7 +181,7 @@ def test_packed_training_with_dropout_runs(tiny_encoder):
     encoder.train()
     out = encoder(encoder.tokenize(SENTENCES[:6]))
     assert out.shape == (6, 32) and torch.isfinite(out).all()
-    encoder.jagged = True  # the CUDA layout keeps attention dropout too
+    encoder.set_layout("jagged")  # the CUDA layout keeps attention dropout too
     out = encoder(encoder.tokenize(SENTENCES[:6]))
     assert out.shape == (6, 32) and torch.isfinite(out).all()
 

@@ -46,6 +46,7 @@ class RunFacts:
     train_seconds: float = 0.0
     rows: int = 0
     hardware: str = ""
+    layout: str = ""  # how the training forward was laid out, and why (mnr.layout)
 
 
 def model_card(facts: RunFacts, path: Path, which: str) -> str:
@@ -235,6 +236,7 @@ def _training_rows(facts: RunFacts) -> list[str]:
         f"linear decay to 0; AdamW, weight decay {config.weight_decay:g}, gradient norm clipped to "
         f"{config.max_grad_norm:g} |",
         f"| precision | {'bf16 autocast (fp32 weights and loss)' if config.bf16 else 'fp32'} |",
+        *([f"| layout | {facts.layout} |"] if facts.layout else []),
         f"| processes | {facts.processes} |",
         f"| seed | {config.seed} |",
     ]

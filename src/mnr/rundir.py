@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnr.config import TrainConfig
+from mnr.config import TrainConfig, tomllib
 from mnr.data import TrainingSet
 from mnr.errors import CheckpointError, ConfigError, ModelError
 from mnr.fileio import atomic_directory, atomic_file, write_json
@@ -105,6 +105,14 @@ class RunDir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.path / "tensorboard"), purge_step=step or None)
+
+    def recorded_setting(self, name: str):
+        """A setting as this run's config.toml recorded it when the run began (None if there is none)."""
+        try:
+            with open(self.path / "config.toml", "rb") as f:
+                return tomllib.load(f).get(name)
+        except (OSError, tomllib.TOMLDecodeError):
+            return None
 
     def record(self, entry: dict) -> None:
         """Append ``entry`` to log.jsonl (and its numbers to TensorBoard, when it is on)."""

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mnr import cache, distributed, rundir
+from mnr import layout as layouts
 from mnr import mine as mining
 from mnr.batching import epoch_batches
 from mnr.card import RunFacts, hardware, model_card, read_license
@@ -84,6 +85,7 @@ class Setup:
     total_steps: int  # every epoch's batches counted (epochs can differ by a batch or two)
     rank: int
     world_size: int
+    layout: layouts.Choice  # how the training forward is laid out, and why
     # dev set name -> its corpus as the base model embedded it while mining: the evaluation before the first
     # step uses these instead of encoding the corpus again (minutes on a CPU)
     base_passages: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -125,13 +127,13 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     torch.manual_seed(config.seed)  # the loss's own initialisation (the softmax classifier)
     if encoder is None:
         encoder = SentenceEncoder.load(config.model, pooling=config.pooling or None,
-                                       max_seq_length=config.max_seq_length, packed=config.packing, device=device)
+                                       max_seq_length=config.max_seq_length, layout=config.layout, device=device)
     encoder.to(device)
     base_passages, mining_record = {}, {}
     if config.mine_negatives:
         miner = encoder
         if config.mine_model:  # e.g. a first run's best/: a second round of mining, with its own settings
-            miner = SentenceEncoder.load(config.mine_model, packed=config.packing, device=device)
+            miner = SentenceEncoder.load(config.mine_model, layout=config.layout, device=device)
         rows_before = len(data)
         data, candidates, mined = mine_negatives(config, data, corpus, miner, bf16, progress)
         mining_record = {"model": config.mine_model or config.model, "rows": rows_before, "kept": len(mined.rows),
@@ -158,15 +160,37 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     texts = list(dict.fromkeys(t for row in data.rows for t in row))
     ids, cut = encoder.tokenize_and_count(texts)
     token_ids = dict(zip(texts, ids, strict=True))
+    layout = training_layout(config, encoder, data, token_ids, bf16, world_size)
     if rank == 0:
         log.info("device: %s; %s (%s)", device, "bf16 autocast" if bf16 else "fp32", why)
+        log.info("layout: %s", layout.describe())
         log.info("training data: %s rows of %s from %s", f"{len(data):,}", ", ".join(data.columns),
                  ", ".join(f"{name} ({rows:,})" for name, rows in data.sources.items()))
         if cut:
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, evaluators, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
-                 total_steps, rank, world_size, base_passages, mining_record)
+                 total_steps, rank, world_size, layout, base_passages, mining_record)
+
+
+def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: TrainingSet, token_ids: dict,
+                    bf16: bool, world_size: int) -> layouts.Choice:
+    """How the training forward is laid out (``mnr.layout``): as --layout says, or with auto on CUDA the fastest
+    forward and backward of the run's first batches that agrees with padded (one process: several processes
+    would have to agree, so they keep the device's default)."""
+    if encoder.layout != "auto":
+        return layouts.Choice(encoder.layout, f"as asked (--layout {config.layout})" if config.layout != "auto"
+                              else "the only layout this model has")
+    default = layouts.default(encoder.device, encoder.packable)
+    if not layouts.measures(encoder.device, encoder.packable) or world_size > 1:
+        why = ("with several processes: the device's default, unmeasured" if world_size > 1 else
+               "on a CPU: the fastest in bench/speed.py, and one fixed choice keeps runs bitwise reproducible")
+        choice = layouts.Choice(default, f"auto: {why}")
+        encoder.chosen["train"] = choice
+        return choice
+    batches = batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]
+    return encoder.choose_layout("train", [[token_ids[data.rows[i][c]] for c in range(len(data.columns))
+                                            for i in batch] for batch in batches], bf16)
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
@@ -314,6 +338,9 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     ``data`` and ``encoder``: see ``prepare``.
     """
     run = RunDir.for_config(config)
+    recorded = run.recorded_setting("layout") if config.resume and config.layout == "auto" else None
+    if recorded in layouts.LAYOUTS:  # measured when the run began: the same layout keeps resume bitwise
+        config = dataclasses.replace(config, layout=recorded)
     # Loading, mining and evaluating take minutes, and a checkpoint cannot keep half of them: a stop
     # during them acts at once (one process only: several must stop together, at a step's end).
     alone = distributed.world()[1] == 1
@@ -323,7 +350,8 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     except _StopNow as e:
         raise Stopped(f"stopped by {signal.Signals(e.signal).name} before the first step (while loading and mining); "
                       "nothing was trained", e.signal) from None
-    config = dataclasses.replace(config, bf16=s.bf16)  # what ran: in config.toml, checkpoints and model cards
+    # what ran: in config.toml, checkpoints and model cards
+    config = dataclasses.replace(config, bf16=s.bf16, layout=s.layout.layout)
     main = s.rank == 0
     optimizer = make_optimizer(s, config)
     total_steps = s.total_steps
@@ -350,7 +378,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
                      s.encoder.max_seq_length, s.encoder.normalize, s.world_size, total_steps,
                      data_dir(config.data_dir), read_license(s.encoder.source),
                      evaluations=rundir.evaluations(run.read_log()) if main else [],
-                     best=best, hardware=hardware(s.device))
+                     best=best, hardware=hardware(s.device), layout=s.layout.describe())
 
     def save_model(name: str, step: int) -> None:
         facts.step, facts.train_seconds, facts.rows = step, position.train_seconds, position.rows
@@ -485,7 +513,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
 def run_summary(run: RunDir, config: TrainConfig, position: Position, best: tuple[str, str] | None,
                 facts: RunFacts) -> dict:
     """Where the models are, how good the best is against the base model, how long it took, what to run next."""
-    summary = {"final": str(run.path / "final"), "curves": str(run.path / "curves.png"),
+    summary = {"final": str(run.path / "final"), "curves": str(run.path / "curves.png"), "layout": facts.layout,
                "train_seconds": round(position.train_seconds, 1), "rows": position.rows,
                "rows_per_s": round(position.rows / max(position.train_seconds, 1e-9), 1)}
     if best is not None and position.best_step is not None:
