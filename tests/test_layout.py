@@ -152,3 +152,18 @@ def test_old_config_files_with_packing_still_load(tmp_path):
     assert TrainConfig.from_sources(str(path)).layout == "padded"
     path.write_text("packing = true\n")
     assert TrainConfig.from_sources(str(path)).layout == "auto"
+
+
+def test_with_gradient_caching_the_measured_batches_are_chunks(no_dropout_model, nli_file, tmp_path, monkeypatch,
+                                                               measuring_here):
+    """A cached run never holds a whole batch's activations: measuring must not either."""
+    sizes = []
+    real = SentenceEncoder.choose_layout
+
+    def recording(self, work, batches, bf16):
+        sizes.extend(len(batch) for batch in batches)
+        return real(self, work, batches, bf16)
+
+    monkeypatch.setattr(SentenceEncoder, "choose_layout", recording)
+    assert main(train_args(no_dropout_model, nli_file, tmp_path / "run", "--mini-batch-size", "3")) == 0
+    assert sizes == [3, 3, 2]  # the first batch's 8 texts (4 pairs), 3 at a time

@@ -33,8 +33,9 @@ SETTINGS = ("auto", *LAYOUTS)
 MEASURED_BATCHES = 3  # first batches timed per candidate (after one warm-up run each)
 MEASURED_DEVICES = ("cuda",)  # where auto measures (a CPU keeps buckets: see above)
 # Agreement with padded: the largest difference, relative to the largest value (embeddings, each gradient).
-# fp32 differs by summation order (~1e-6); bf16 rounds to 8 bits.
-TOLERANCE = {False: 1e-3, True: 5e-2}  # bf16 off / on
+# It catches a layout that computes something else, not rounding: fp32 differs by summation order (~1e-6);
+# bf16 rounds to 8 bits, and jagged's bf16 gradients on an H200 were within 10% of padded's (tests/test_packing.py).
+TOLERANCE = {False: 1e-3, True: 1e-1}  # bf16 off / on
 
 
 @dataclass

@@ -188,9 +188,13 @@ def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: Trainin
         choice = layouts.Choice(default, f"auto: {why}")
         encoder.chosen["train"] = choice
         return choice
-    batches = batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]
-    return encoder.choose_layout("train", [[token_ids[data.rows[i][c]] for c in range(len(data.columns))
-                                            for i in batch] for batch in batches], bf16)
+    texts = [[token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+             for batch in batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]]
+    if config.mini_batch_size:  # gradient caching runs the encoder on chunks: measure chunks, never a whole batch
+        chunks = [ids[i : i + config.mini_batch_size] for ids in texts for i in range(0, len(ids),
+                                                                                      config.mini_batch_size)]
+        texts = chunks[: layouts.MEASURED_BATCHES]
+    return encoder.choose_layout("train", texts, bf16)
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder, bf16: bool,
