@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     ".csv/.tsv (optionally .gz) or .parquet file; row i of the output is line or record i. The "
                     "output format follows its extension: .npy (the (N, D) float32 array), .npz (embeddings and "
                     "ids), .jsonl or .parquet (id and embedding per record); ids are the input's _id/id column, "
-                    "else positions. A .txt file is read and embedded in blocks, so its size is not bounded by "
-                    "memory.")
+                    "else positions. A .txt file written to .npy is read and embedded in blocks, so its size is not "
+                    "bounded by memory; other outputs are built in memory.")
     encode_parser.add_argument("model", metavar="MODEL", help="model directory or hub name")
     encode_parser.add_argument("--input", required=True, metavar="FILE", help="one text per line (.txt), or records "
                                "with a text column")

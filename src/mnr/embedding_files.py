@@ -1,6 +1,6 @@
 """``mnr encode``'s files: the texts to embed and the embeddings written.
 
-Input: a ``.txt`` file (one text per line, read in blocks, so its size is not bounded by memory), or
+Input: a ``.txt`` file (one text per line, read in blocks: into ``.npy`` its size is not bounded by memory), or
 records (``.jsonl``/``.json``/``.csv``/``.tsv``, optionally gzipped, or ``.parquet``) whose text column is
 ``text``, the only column, or the one ``--columns text=NAME`` names; an ``_id``/``id`` column (or
 ``--columns id=NAME``) is kept beside each embedding. Row i of the output is record i, always.
