@@ -248,14 +248,14 @@ def _eval(args: argparse.Namespace) -> int:
     )
     from mnr.errors import ConfigError
     from mnr.evaluate import comparison_table, evaluate_sts
-    from mnr.fileio import atomic_file, write_json
+    from mnr.fileio import atomic_file, check_new_file, write_json
     from mnr.model import SentenceEncoder
     from mnr.retrieval import RetrievalEvaluator, load_retrieval, mean_of_sets, retrieval_table
 
     device = resolve_device(args.device)
     root = data_dir(args.data_dir)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ConfigError(f"--json {args.json}: no such directory {Path(args.json).resolve().parent}")
+    if args.json:
+        check_new_file(args.json, "--json")
     if args.sts:
         specs = args.sts
     elif args.retrieval:
@@ -372,14 +372,14 @@ def _mine(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from mnr.errors import ConfigError
+    from mnr.fileio import check_new_file
     from mnr.plot import plot_runs
 
     if args.labels and len(args.labels) != len(args.runs):
         raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
     output = Path(args.output) if args.output else (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1
                                                     else Path("curves.png"))
-    if not output.resolve().parent.is_dir():
-        raise ConfigError(f"--output {output}: no such directory {output.resolve().parent}")
+    check_new_file(output)
     print(plot_runs([Path(run) for run in args.runs], output, args.labels))
     return 0
 

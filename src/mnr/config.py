@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnr.data import short_name, split_spec
 from mnr.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -132,10 +133,6 @@ class TrainConfig:
                        "shared across all of them", weights=False)
 
     def __post_init__(self):
-        hints = typing.get_type_hints(TrainConfig)
-        for f in dataclasses.fields(self):  # one file where a list is expected: a list of one (older config.toml)
-            if hints[f.name] == list[str] and isinstance(getattr(self, f.name), str):
-                setattr(self, f.name, [getattr(self, f.name)] if getattr(self, f.name) else [])
         _check_types(self, "")
         checks = [
             (self.pooling in ("", "mean", "cls", "max"), "--pooling must be mean, cls or max"),
@@ -237,11 +234,8 @@ def load_toml(path: str | Path) -> dict:
 def _stem(spec: str, kind: str) -> str:
     """A dev set's short name: an STS file's name without its extensions; a retrieval folder's name."""
     if kind == "ir_dev":
-        return Path(spec.split(":")[0].split("[")[0].rstrip("/")).name
-    name = Path(spec).name.removesuffix(".gz")
-    for ext in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
-        name = name.removesuffix(ext)
-    return name.replace(":", "_")
+        return Path(split_spec(spec)[0].rstrip("/")).name
+    return short_name(spec).replace(":", "_")
 
 
 def _check_types(config: TrainConfig, where: str) -> None:
@@ -251,6 +245,9 @@ def _check_types(config: TrainConfig, where: str) -> None:
         flag = "--" + f.name.replace("_", "-")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, f.name, float(value))
+            continue
+        if expected == list[str] and isinstance(value, str):  # one file where a list is expected (older config.toml)
+            setattr(config, f.name, [value] if value else [])
             continue
         if value is None and expected == (bool | None):  # not set: decided at run time
             continue

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mnr.errors import DataError
-from mnr.fileio import atomic_file
+from mnr.fileio import atomic_file, check_new_file
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def resolve_retrieval_spec(spec: str, root: Path | None) -> str:
 # ---------------------------------------------------------------- raw records
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
     """UTF-8 text, without the byte-order mark that Excel's "CSV UTF-8" and some editors put first."""
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
@@ -212,10 +212,7 @@ def check_writable(path: Path, overwrite: bool = False) -> None:
     """Refuse, before any work, a rows file ``write_rows`` cannot write, or one it would silently replace."""
     if format_of(path) == "parquet":
         raise DataError(f"{path}: write .jsonl, .csv or .tsv (optionally .gz)")
-    if not path.resolve().parent.is_dir():
-        raise DataError(f"{path}: no such directory {path.resolve().parent}")
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} exists; give --overwrite to replace it")
+    check_new_file(path, overwrite=overwrite)
 
 
 def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -300,12 +297,12 @@ def read_records(spec: str) -> Iterator[tuple[str, dict]]:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     if _json_array_file(path):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             start = f.read(4096).lstrip()[:1]
         if start == "[":
             yield from _read_json_array(path)
             return
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -325,7 +322,7 @@ def _json_array_file(path: Path) -> bool:
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, dict]]:
     """A .json file holding one array of objects (as pandas' to_json(orient="records") writes)."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             items = json.load(f)
         except json.JSONDecodeError as e:
@@ -337,7 +334,7 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)

@@ -22,7 +22,7 @@ import numpy as np
 
 from mnr.data import count_texts, format_of, parse_column_map, read_records, text_blocks
 from mnr.errors import ConfigError, DataError
-from mnr.fileio import atomic_file
+from mnr.fileio import atomic_file, check_new_file
 
 OUTPUT_FORMATS = (".npy", ".npz", ".jsonl", ".parquet")
 ID_COLUMNS = ("_id", "id")  # BEIR's and the usual name
@@ -49,10 +49,7 @@ def check_output(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output mnr encode cannot write or would silently replace."""
     if not path.name.lower().endswith(OUTPUT_FORMATS):
         raise ConfigError(f"--output {path}: unknown file type; write {', '.join(OUTPUT_FORMATS)}")
-    if not path.resolve().parent.is_dir():
-        raise ConfigError(f"--output {path}: no such directory {path.resolve().parent}")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"--output {path} exists; give --overwrite to replace it")
+    check_new_file(path, overwrite=overwrite)
 
 
 def read_texts(path: Path, columns: str = "") -> Texts:

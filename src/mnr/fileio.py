@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mnr.errors import ConfigError
+
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
@@ -51,6 +53,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_new_file(path: str | os.PathLike, flag: str = "--output", overwrite: bool | None = None) -> None:
+    """Refuse, before any work, an output file whose directory does not exist, or (``overwrite`` False) one
+    that exists; ``overwrite`` None: replacing is the command's normal business (a plot, a report)."""
+    path = Path(path)
+    if not path.resolve().parent.is_dir():
+        raise ConfigError(f"{flag} {path}: no such directory {path.resolve().parent}")
+    if overwrite is False and path.exists():
+        raise ConfigError(f"{flag} {path} exists; give --overwrite to replace it")
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -28,7 +28,6 @@ empty corpus, a split without qrels.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnr.data import TrainingSet, format_of, not_utf8, read_records, split_spec
+from mnr.data import TrainingSet, format_of, not_utf8, open_text, read_records, split_spec
 from mnr.errors import DataError
 from mnr.model import SentenceEncoder
 
@@ -318,10 +317,9 @@ def _qrels_records(path: Path) -> Iterator[tuple[str, dict]]:
     if format_of(path) != "tsv":
         yield from read_records(str(path))
         return
-    opener = gzip.open if path.name.endswith(".gz") else open
     header: list[str] | None = None
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+        with open_text(path) as f:
             for line_no, line in enumerate(f, start=1):
                 fields = [field.strip() for field in line.rstrip("\r\n").split("\t")]
                 where = f"{path}:{line_no}"
