@@ -37,6 +37,7 @@ from mnr.data import (
     load_training_set,
     parse_column_map,
     resolve_path,
+    split_spec,
     write_rows,
 )
 from mnr.device import choose_bf16, resolve_device
@@ -398,14 +399,22 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         return run.save_checkpoint(rundir.checkpoint_payload(position, fingerprint, stateful, rngs),
                                    keep=config.keep_checkpoints)
 
-    def evaluate(step: int, passages: dict[str, torch.Tensor] | None = None) -> None:
+    stop = _StopSignals(at_once=alone)
+
+    def evaluate(step: int, passages: dict[str, torch.Tensor] | None = None) -> int | None:
+        """Score every dev set, log it, keep best/; return the stop signal that cut the scoring short (it can
+        take minutes, so a stop acts at once: nothing of it is logged), else None."""
         if not s.evaluators or not main:
-            return
+            return None
         results = {}
-        for e in s.evaluators:
-            known = (passages or {}).get(e.name)  # its corpus embedded by this same model (a retrieval dev set)
-            extra = {} if known is None else {"passages": known}
-            results[e.name] = e(s.encoder, bf16=s.bf16, progress=progress, **extra)
+        try:
+            with stop.at_once():
+                for e in s.evaluators:
+                    known = (passages or {}).get(e.name)  # its corpus embedded by this model (a retrieval dev set)
+                    extra = {} if known is None else {"passages": known}
+                    results[e.name] = e(s.encoder, bf16=s.bf16, progress=progress, **extra)
+        except _StopNow as e:
+            return e.signal
         run.record({"step": step, **results})
         facts.evaluations.append({"step": step, **results})
         tqdm.write(f"step {step}: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
@@ -414,6 +423,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         if position.best_score is None or score > position.best_score:
             position.best_score, position.best_step = score, step
             save_model("best", step)
+        return None
 
     unread: list[tuple[int, int, torch.Tensor, float]] = []  # (step, epoch, loss, lr) not yet read
     recent: list[float] = []
@@ -436,6 +446,7 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
     s.train_encoder.train()
     bar = tqdm(total=total_steps, initial=position.step, desc="train", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
+
     def evaluated(step: int) -> bool:
         return any(e["step"] == step for e in facts.evaluations)
 
@@ -444,18 +455,15 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
         saved = f"checkpoint {path} saved" if path else "no checkpoint yet"
         return Stopped(f"stopped by {signal.Signals(number).name} {where}; {saved}", number)
 
-    with _StopSignals(at_once=alone) as stop:
+    with stop:
         # the base model's score before training; on resume, an evaluation a stop cut short
         due = position.step == 0 or position.step % config.eval_steps == 0 or position.step == total_steps
         if s.evaluators and main and due and not evaluated(position.step):
             if position.step == 0:
                 tqdm.write(f"evaluating the base model on {', '.join(e.name for e in s.evaluators)} before training")
-            try:
-                with stop.at_once():
-                    evaluate(position.step, s.base_passages)  # mining embedded the corpus with this same model
-            except _StopNow as e:
-                raise stopped(e.signal, f"while evaluating step {position.step}",
-                              run.latest_checkpoint(quiet=True)) from None
+            # mining embedded the corpus with this same model
+            if (number := evaluate(position.step, s.base_passages)) is not None:
+                raise stopped(number, f"while evaluating step {position.step}", run.latest_checkpoint(quiet=True))
         s.base_passages.clear()  # only the base model's: free them
         for epoch in range(position.epoch, config.epochs):
             batches = batches_of_epoch(s.data, config, epoch, s.rank, s.world_size)
@@ -479,23 +487,15 @@ def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: Sent
                     stopping = distributed.any_process(stop.signal is not None, s.device)
                 position.train_seconds += time.perf_counter() - t0
                 bar.update()
-                if evaluating:
-                    try:
-                        with stop.at_once():
-                            evaluate(step)
-                    except _StopNow:  # the checkpoint is of this step: resuming evaluates it again first
-                        stopping = True
+                if evaluating and evaluate(step) is not None:
+                    stopping = True  # the checkpoint is of this step: resuming evaluates it again first
                 if stopping or saving:
                     path = save_checkpoint()
                     if stopping:
                         raise stopped(stop.signal or signal.SIGTERM, f"at step {step} of {total_steps}", path)
         bar.close()
-        if not evaluated(total_steps):
-            try:
-                with stop.at_once():
-                    evaluate(total_steps)
-            except _StopNow as e:
-                raise stopped(e.signal, f"while evaluating the last step ({total_steps})", save_checkpoint()) from None
+        if not evaluated(total_steps) and (number := evaluate(total_steps)) is not None:
+            raise stopped(number, f"while evaluating the last step ({total_steps})", save_checkpoint())
     if config.save_every:
         save_checkpoint()
     summary = {}
@@ -528,7 +528,7 @@ def run_summary(run: RunDir, config: TrainConfig, position: Position, best: tupl
     models = [config.model, summary["final"]] + ([summary["best"]] if "best" in summary else [])
     # the dev sets' own files, for a table of every model on them (retrieval: the folders' test split)
     sets = (["--sts", *config.sts_dev] if config.sts_dev else []) + \
-        (["--retrieval", *dict.fromkeys(spec.split(":")[0].split("[")[0] for spec in config.ir_dev)]
+        (["--retrieval", *dict.fromkeys(split_spec(spec)[0] for spec in config.ir_dev)]
          if config.ir_dev else [])
     data = ["--data-dir", str(facts.data_dir)] if sets and facts.data_dir else []
     summary["next"] = shlex.join(["mnr", "eval", *models, *(sets or ["--sts", "YOUR_STS_FILE"]), *data])
