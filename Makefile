@@ -40,7 +40,7 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/python bench/compare.py
+	$(BIN)/python -m bench.compare
 
 clean:
 	rm -rf $(VENV) runs bench/out

@@ -1,8 +1,8 @@
 """The NLI recipe search: one change at a time, chosen on STSb dev, reported on STSb test.
 
-    python bench/ablate.py                      # every experiment not yet in bench/results/ablation.json
-    python bench/ablate.py --only triplets      # some of them
-    python bench/ablate.py --table              # rewrite the BENCHMARKS.md section from the saved results
+    python -m bench.ablate                      # every experiment not yet in bench/results/ablation.json
+    python -m bench.ablate --only triplets      # some of them
+    python -m bench.ablate --table              # rewrite the BENCHMARKS.md section from the saved results
 
 Each experiment is ``mnr train`` (a child process) from the packaged all-MiniLM-L6-v2 on the NLI
 data available here (SNLI dev+test, MultiNLI dev-matched), with the base settings below plus the
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import NLI_FILES, ROOT, machine, write_section  # noqa: E402
+from bench.common import NLI_FILES, ROOT, machine, write_section
 
 RESULTS = ROOT / "bench" / "results" / "ablation.json"
 BASE = {"bf16": True, "eval_steps": 100_000}  # bf16: same STSb as fp32 here (see the speed section), 1.3x faster
@@ -80,8 +79,8 @@ def flags(settings: dict) -> list[str]:
 
 
 def run(name: str, seed: int, data_dir: str) -> dict:
-    from mnr.data import load_sts, resolve_path
-    from mnr.evaluate import evaluate_sts
+    from mnr.evaluate import evaluate_sts, load_sts
+    from mnr.fileio import resolve_path
     from mnr.model import SentenceEncoder
 
     _, settings = EXPERIMENTS[name]
@@ -141,7 +140,7 @@ def main() -> None:
                 RESULTS.write_text(json.dumps(results, indent=1))
     body = f"""## Recipe search (quality)
 
-Command: `python bench/ablate.py` (results cached in `bench/results/ablation.json`; each row's exact
+Command: `python -m bench.ablate` (results cached in `bench/results/ablation.json`; each row's exact
 `mnr train` command is stored there). Machine: {machine()}.
 Base: the packaged all-MiniLM-L6-v2 (STSb test 82.03 zero-shot), SNLI dev+test and MultiNLI dev-matched,
 batch 32, lr 2e-5, 10% warm-up, 1 epoch, scale 20, max length 128, bf16; each row changes what it says.

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: mnr against sentence-transformers' own trainer, same recipe, same run.
 
-    python bench/compare.py                                   # all recipes, all data (about 1.5 h on 2 cores)
-    python bench/compare.py --recipes mnr-pairs --max-pairs 2000 --no-write   # a quick check
+    python -m bench.compare                                   # all recipes, all data (about 1.5 h on 2 cores)
+    python -m bench.compare --recipes mnr-pairs --max-pairs 2000 --no-write   # a quick check
 
 Every (recipe, implementation) trains in a fresh child process with the same thread count, base
 model (the packaged all-MiniLM-L6-v2), data rows, batch size, learning rate, warm-up, weight
@@ -21,8 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,10 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-NLI_FILES = ["nli/snli_dev.jsonl.gz", "nli/snli_test.jsonl.gz", "nli/mnli_dev_matched.jsonl.gz"]
-BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from bench.common import BASE_MODEL, DEFAULT_DATA_DIR, NLI_FILES, RESULTS, ROOT, machine, peak_rss_mb, write_section
 
 RECIPES = {
     "zero-shot": None,  # the base model as it is
@@ -53,10 +48,6 @@ SHARED = {"batch_size": 32, "lr": 2e-5, "warmup_ratio": 0.1, "weight_decay": 0.0
 # ---------------------------------------------------------------- workers (child processes)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def sts_sentences(examples) -> list[str]:
     return list(dict.fromkeys(s for e in examples for s in (e.sentence1, e.sentence2)))
 
@@ -69,11 +60,10 @@ def time_encoding(encode, sentences: list[str]) -> float:
 
 
 def training_set(recipe: dict, data_dir: str, max_pairs: int):
-    from mnr.data import load_training_set, resolve_path
+    from mnr.data import load_training_set
     from mnr.losses import LOSSES
 
-    specs = [resolve_path(f, Path(data_dir)) for f in NLI_FILES]
-    data = load_training_set(specs, wants=LOSSES[recipe["loss"]].input,
+    data = load_training_set(NLI_FILES, root=Path(data_dir), wants=LOSSES[recipe["loss"]].input,
                              hard_negatives=recipe.get("hard_negatives", False))
     return data.sample(max_pairs, SHARED["seed"])
 
@@ -94,14 +84,14 @@ def mnr_config(recipe_name: str, data_dir: str, max_pairs: int, output: Path, mn
         config = TrainConfig.from_sources(str(ROOT / recipe), **common)
     else:
         config = TrainConfig(**common, **SHARED, **recipe)
-    rows = len(training_set({"loss": config.loss, "hard_negatives": config.hard_negatives}, data_dir, max_pairs))
-    config.eval_steps = eval_steps_for(rows * config.epochs, config.batch_size)
-    return config
+    rows = len(training_set({"loss": config.training.loss, "hard_negatives": config.data.hard_negatives}, data_dir,
+                            max_pairs))
+    return config.replace(eval_steps=eval_steps_for(rows * config.training.epochs, config.training.batch_size))
 
 
 def run_mnr(recipe_name: str, data_dir: str, max_pairs: int, workdir: Path, mnr_flags: dict) -> dict:
-    from mnr.data import load_sts, resolve_path
-    from mnr.evaluate import evaluate_sts
+    from mnr.evaluate import evaluate_sts, load_sts
+    from mnr.fileio import resolve_path
     from mnr.model import SentenceEncoder
     from mnr.train import train
 
@@ -135,19 +125,12 @@ def run_mnr(recipe_name: str, data_dir: str, max_pairs: int, workdir: Path, mnr_
 
 
 def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, workdir: Path) -> dict:
-    import datasets
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-        losses,
-    )
-    from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
-    from transformers import PrinterCallback
 
-    from mnr.data import load_sts, resolve_path
-    from mnr.model import resolve_model_path
+    from bench.st import train_st
+    from mnr.config import TrainConfig
+    from mnr.evaluate import load_sts
+    from mnr.fileio import resolve_path
 
     root = Path(data_dir)
     dev = load_sts(resolve_path("sts/stsb_dev.jsonl.gz", root))
@@ -163,57 +146,24 @@ def run_sentence_transformers(recipe_name: str, data_dir: str, max_pairs: int, w
         return {"spearman": 100 * metrics[f"{name}_spearman_cosine"],
                 "pearson": 100 * metrics[f"{name}_pearson_cosine"]}
 
-    model = SentenceTransformer(str(resolve_model_path(BASE_MODEL)), device="cpu")
-    model.max_seq_length = SHARED["max_seq_length"]
     recipe = ST_RECIPES[recipe_name]
     out: dict = {"impl": "sentence-transformers", "recipe": recipe_name}
-    if recipe is not None:
+    if recipe is None:
+        from sentence_transformers import SentenceTransformer
+
+        from mnr.model import resolve_model_path
+
+        model = SentenceTransformer(str(resolve_model_path(BASE_MODEL)), device="cpu")
+        model.max_seq_length = SHARED["max_seq_length"]
+    else:
         data = training_set(recipe, data_dir, max_pairs)
-        if recipe["loss"] == "softmax":
-            dataset = datasets.Dataset.from_dict({"premise": [r[0] for r in data.rows],
-                                                  "hypothesis": [r[1] for r in data.rows], "label": data.labels})
-            loss = losses.SoftmaxLoss(model, model.get_embedding_dimension(), num_labels=3)
-            sampler = BatchSamplers.BATCH_SAMPLER
-        else:
-            dataset = datasets.Dataset.from_dict({name: [r[i] for r in data.rows]
-                                                  for i, name in enumerate(data.columns)})
-            loss = losses.MultipleNegativesRankingLoss(model, scale=SHARED["scale"])
-            sampler = BatchSamplers.NO_DUPLICATES
-
-        class TimedEvaluator(EmbeddingSimilarityEvaluator):
-            """The dev evaluator, timed so its seconds can be taken out of the training loop's."""
-
-            seconds = 0.0
-
-            def __call__(self, *args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return super().__call__(*args, **kwargs)
-                finally:
-                    TimedEvaluator.seconds += time.perf_counter() - start
-
-        args = SentenceTransformerTrainingArguments(
-            output_dir=str(workdir / "st"), num_train_epochs=SHARED["epochs"],
-            per_device_train_batch_size=SHARED["batch_size"], learning_rate=SHARED["lr"],
-            warmup_ratio=SHARED["warmup_ratio"], weight_decay=SHARED["weight_decay"],
-            max_grad_norm=SHARED["max_grad_norm"], lr_scheduler_type="linear", seed=SHARED["seed"],
-            batch_sampler=sampler, eval_strategy="steps", eval_steps=eval_steps_for(len(data), SHARED["batch_size"]),
-            logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
-        )
-        dev_evaluator = TimedEvaluator([e.sentence1 for e in dev], [e.sentence2 for e in dev],
-                                       [e.score for e in dev], batch_size=64, name="sts-dev", write_csv=False)
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                             evaluator=dev_evaluator)
-        trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; the losses are kept in log_history
-        start = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - start - TimedEvaluator.seconds
-        history = trainer.state.log_history
+        config = TrainConfig(model=BASE_MODEL, **SHARED, **recipe)
+        model, run = train_st(config, data, workdir, evaluator=evaluator(dev, "sts-dev"), logging_steps=1,
+                              eval_steps=eval_steps_for(len(data), SHARED["batch_size"]))
         out |= {
-            "rows": len(data), "steps": trainer.state.global_step, "train_seconds": train_seconds,
-            "losses": [[e["step"], e["loss"]] for e in history if "loss" in e],
-            "dev_curve": [[e["step"], 100 * e["eval_sts-dev_spearman_cosine"]] for e in history
+            "rows": len(data), "steps": run["steps"], "train_seconds": run["seconds"],
+            "losses": [[e["step"], e["loss"]] for e in run["history"] if "loss" in e],
+            "dev_curve": [[e["step"], 100 * e["eval_sts-dev_spearman_cosine"]] for e in run["history"]
                           if "eval_sts-dev_spearman_cosine" in e],
         }
     model.eval()
@@ -244,7 +194,7 @@ def worker(args) -> None:
 
 
 def run_child(impl: str, recipe: str, args, json_path: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", impl, "--recipe", recipe, "--json", str(json_path),
+    command = [sys.executable, "-m", "bench.compare", "--worker", impl, "--recipe", recipe, "--json", str(json_path),
                "--data-dir", args.data_dir, "--max-pairs", str(args.max_pairs), "--threads", str(args.threads),
                "--mnr-flags", args.mnr_flags]
     print(f"[{time.strftime('%H:%M:%S')}] {recipe}: {impl} ...", flush=True)
@@ -293,22 +243,6 @@ def embedding_equality(folder: Path) -> str:
         lines.append(f"mnr {label}: min cosine {cosine.min():.6f}, mean {cosine.mean():.6f}")
     return (f"Embedding equality on the {len(theirs)} STSb test sentences, zero-shot model, against "
             f"`SentenceTransformer.encode` (fp32): " + "; ".join(lines) + ".")
-
-
-def machine() -> str:
-    import sentence_transformers
-    import torch
-    import transformers
-
-    import mnr
-    from mnr.card import hardware
-    from mnr.device import native_bf16
-
-    cpu = hardware(torch.device("cpu")).removesuffix(" (CPU)")
-    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
-    return (f"{cpu} ({bf16}); Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}, "
-            f"mnr {mnr.__version__}")
 
 
 def plots(results: dict) -> list[str]:
@@ -380,23 +314,11 @@ def plots(results: dict) -> list[str]:
     return written + ["summary.png"]
 
 
-def write_section(path: Path, marker: str, body: str) -> None:
-    """Replace this script's section of BENCHMARKS.md (between its markers), or append it."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--max-pairs", type=int, default=0, help="train on a seeded sample of this many (0: all)")
-    parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every run")
     parser.add_argument("--mnr-flags", default="{}",
                         help='extra TrainConfig values for mnr, as JSON, e.g. {"bf16": true}')

@@ -1,7 +1,7 @@
 """How many tokens a CPU batch of long texts should hold: mnr's encode() on SciFact abstracts, same run.
 
-    python bench/encode_tokens.py              # ~5 min on 2 cores; writes its section of BENCHMARKS.md
-    python bench/encode_tokens.py --texts 128 --rounds 1 --no-write      # a quick look
+    python -m bench.encode_tokens              # ~5 min on 2 cores; writes its section of BENCHMARKS.md
+    python -m bench.encode_tokens --texts 128 --rounds 1 --no-write      # a quick look
 
 ``SentenceEncoder.encode`` ends a batch at ``batch_size`` texts or, on a CPU, at ``CPU_BATCH_TOKENS``
 tokens (texts x the longest). This times encode() of the same abstracts (all-MiniLM-L6-v2, max
@@ -18,14 +18,12 @@ import datetime
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, machine, write_section  # noqa: E402
+from bench.common import ROOT, machine, write_section
 
 LIMITS = (0, 8192, 4096, 2048, 1024)
 
@@ -68,7 +66,7 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    command = "python bench/encode_tokens.py" + (f" --texts {args.texts}" if args.texts != 512 else "") + (
+    command = "python -m bench.encode_tokens" + (f" --texts {args.texts}" if args.texts != 512 else "") + (
         f" --rounds {args.rounds}" if args.rounds != 3 else "")
     body = f"""## Encoding long texts on a CPU: tokens per batch
 

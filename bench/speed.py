@@ -1,100 +1,57 @@
 """Where mnr's training speed comes from: each optimisation switched on in turn, same run.
 
-    python bench/speed.py                  # ~10 min on 2 cores; writes its section of BENCHMARKS.md
-    python bench/speed.py --rounds 1 --steps 5 --no-write      # a quick look
+    python -m bench.speed                  # ~8 min on 2 cores; writes its section of BENCHMARKS.md
+    python -m bench.speed --rounds 1 --steps 5 --no-write      # a quick look
 
 Every configuration times the real ``mnr.train.train_step`` on the same batches of the MNR-pairs
-recipe (NLI entailment pairs, batch 32, all-MiniLM-L6-v2). An optimisation that has no setting of
-its own is switched off for the "before" rows by patching the module constant or function it
-lives in. Configurations take turns (round-robin, ``--rounds`` times) so that drift in the
-machine's speed hits them all alike; the median round is reported. A torch profile of the final
-configuration then shows where the remaining time goes.
+recipe (NLI entailment pairs, batch 32, all-MiniLM-L6-v2). Each optimisation is switched by a setting
+of the package, nothing patched: ``--layout`` (padded, buckets), ``make_optimizer(fused=...)`` and ``--bf16``.
+(The oneDNN length rounding and the cheap CPU dropout masks have no switch: they are in every packed row.)
+Configurations take turns (round-robin, ``--rounds`` times) so that drift in the machine's speed hits
+them all alike; the median round is reported. A torch profile of the final configuration then shows
+where the remaining time goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
-from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import NLI_FILES, ROOT, machine, write_section  # noqa: E402
+from bench.common import DEFAULT_DATA_DIR, NLI_FILES, ROOT, machine, write_section
+from mnr.batching import epoch_batches
+from mnr.config import TrainConfig
+from mnr.recipe import prepare
+from mnr.train import make_optimizer, train_step
 
-from mnr import dropout as mnr_dropout  # noqa: E402
-from mnr import packing  # noqa: E402
-from mnr.batching import epoch_batches  # noqa: E402
-from mnr.config import TrainConfig  # noqa: E402
-from mnr.train import make_optimizer, param_groups, prepare, train_step  # noqa: E402
-
-
-def unfused_adamw(s, config):
-    return torch.optim.AdamW(param_groups([s.encoder, s.objective], config.weight_decay), lr=config.lr)
-
-
-def torch_dropout(x, p, training=True):
-    return torch.nn.functional.dropout(x, p, training)
-
-
-# name -> (TrainConfig overrides, patches that switch later optimisations off). Cumulative: each row
-# adds one optimisation to the row above.
+# name -> TrainConfig settings, make_optimizer arguments. Cumulative: each row adds one optimisation to the one above.
 LADDER = [
-    ("padded batches (all columns in one forward)", {"layout": "padded", "bf16": False},
-     {"fused": False, "fast_dropout": False}),
-    ("+ packed: no padding outside attention, one attention block", {"bf16": False},
-     {"fused": False, "fast_dropout": False, "buckets": False, "multiple": 1}),
-    ("+ attention in length buckets", {"bf16": False}, {"fused": False, "fast_dropout": False, "multiple": 1}),
-    ("+ fused AdamW", {"bf16": False}, {"fast_dropout": False, "multiple": 1}),
-    ("+ bf16 autocast", {"bf16": True}, {"fast_dropout": False, "multiple": 1}),
-    ("+ packed length rounded to 64 (oneDNN kernel reuse)", {"bf16": True}, {"fast_dropout": False}),
-    ("+ cheap CPU dropout masks", {"bf16": True}, {}),
+    ("padded batches (all columns in one forward)", {"layout": "padded", "bf16": False}, {"fused": False}),
+    ("+ packed: real tokens only, attention in length buckets", {"layout": "buckets", "bf16": False},
+     {"fused": False}),
+    ("+ fused AdamW", {"layout": "buckets", "bf16": False}, {}),
+    ("+ bf16 autocast", {"layout": "buckets", "bf16": True}, {}),
 ]
 
 
-@contextlib.contextmanager
-def patched(switches: dict):
-    with contextlib.ExitStack() as stack:
-        if switches.get("fused") is False:
-            stack.enter_context(mock.patch("mnr.train.make_optimizer", unfused_adamw))
-        if switches.get("fast_dropout") is False:
-            stack.enter_context(mock.patch.object(mnr_dropout, "dropout", torch_dropout))
-            stack.enter_context(mock.patch.object(packing, "mnr_dropout", torch_dropout))
-        if switches.get("buckets") is False:
-            stack.enter_context(mock.patch.object(packing, "length_buckets", lambda lengths: [(0, len(lengths))]))
-        if "multiple" in switches:
-            stack.enter_context(mock.patch.object(packing, "LENGTH_MULTIPLE", switches["multiple"]))
-        yield
-
-
-def build(name: str, overrides: dict, switches: dict, args) -> dict:
+def build(name: str, overrides: dict, optimizer: dict, args) -> dict:
     # max length 128: what its tables were measured at (the default was 128 then)
-    config = TrainConfig(data=NLI_FILES, data_dir=args.data_dir, output="unused",
-                         **{"max_seq_length": 128, **overrides})
-    with patched(switches):
-        s = prepare(config)
-        if switches.get("fast_dropout") is False:  # modules were swapped at load: swap them back
-            for module in list(s.encoder.modules()):
-                for child_name, child in module.named_children():
-                    if isinstance(child, mnr_dropout.FastDropout):
-                        setattr(module, child_name, torch.nn.Dropout(child.p))
-        optimizer = (unfused_adamw if switches.get("fused") is False else make_optimizer)(s, config)
+    config = TrainConfig(data=NLI_FILES, data_dir=args.data_dir, output="unused", max_seq_length=128, **overrides)
+    s = prepare(config)
     s.encoder.train()
-    return {"name": name, "config": config, "setup": s, "optimizer": optimizer, "switches": switches, "times": []}
+    return {"name": name, "config": config, "setup": s, "optimizer": make_optimizer(s, config, **optimizer),
+            "times": []}
 
 
 def run_round(entry: dict, batches: list[list[int]]) -> None:
-    with patched(entry["switches"]):
-        start = time.perf_counter()
-        for batch in batches:
-            train_step(entry["setup"], entry["optimizer"], batch, entry["config"])
-        entry["times"].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for batch in batches:
+        train_step(entry["setup"], entry["optimizer"], batch, entry["config"])
+    entry["times"].append(time.perf_counter() - start)
 
 
 def profile_summary(entry: dict, batches: list[list[int]]) -> str:
@@ -116,7 +73,7 @@ def profile_summary(entry: dict, batches: list[list[int]]) -> str:
         "other elementwise (add, mul, div, sum, ...)": ("aten::add", "aten::add_", "aten::mul", "aten::mul_",
                                                         "aten::div", "aten::div_", "aten::sum"),
     }
-    with patched(entry["switches"]), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in batches:
             train_step(entry["setup"], entry["optimizer"], batch, entry["config"])
     totals = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
@@ -134,15 +91,14 @@ def profile_summary(entry: dict, batches: list[list[int]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="training steps per configuration per round")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    command = "python bench/speed.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.speed " + " ".join(sys.argv[1:])
 
-    entries = [build(name, overrides, switches, args) for name, overrides, switches in LADDER]
+    entries = [build(name, overrides, optimizer, args) for name, overrides, optimizer in LADDER]
     data = entries[0]["setup"].data
     batches = epoch_batches(data, 32, seed=0, epoch=0)
     warmup, timed = batches[:3], batches[3 : 3 + args.steps]

@@ -63,7 +63,8 @@ def test_cached_equals_plain_with_dropout(tiny_model_dir, columns, symmetric, mi
 def test_a_step_with_a_non_finite_loss_changes_no_weight(tiny_model_dir, nli_file, mini_batch_size, monkeypatch):
     """The optimizer skips the step (on the device, without waiting for it) and the loss it returns says why."""
     from mnr.config import TrainConfig
-    from mnr.train import make_optimizer, prepare, train_step
+    from mnr.recipe import prepare
+    from mnr.train import make_optimizer, train_step
 
     config = TrainConfig(model=str(tiny_model_dir), data=[str(nli_file)], output="unused", batch_size=4,
                          mini_batch_size=mini_batch_size, lr=1e-3)

@@ -6,6 +6,7 @@ import pytest
 import tomllib
 
 from mnr.config import TrainConfig, load_toml
+from mnr.config import defaults as config_defaults
 from mnr.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
@@ -19,26 +20,27 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_loads_and_differs_from_defaults_only_where_it_says(path):
     values = load_toml(path)
     config = TrainConfig.from_sources(str(path))
-    defaults = TrainConfig()
+    defaults = config_defaults()
     for key, value in values.items():
-        assert getattr(config, key) == value
-        assert value != getattr(defaults, key), f"{path.name}: {key} repeats the default"
+        assert config.flat()[key] == value
+        assert value != defaults[key], f"{path.name}: {key} repeats the default"
     assert path.read_text().startswith("#") and "mnr train --config configs/" in path.read_text()
 
 
 def test_the_classic_sbert_recipe():
     config = TrainConfig.from_sources("configs/nli-bert-base.toml")
-    assert config.model == "google-bert/bert-base-uncased"
-    assert config.data == ["hf:stanfordnlp/snli:train", "hf:nyu-mll/multi_nli:train"]
-    assert (config.loss, config.batch_size, config.lr, config.warmup_ratio, config.epochs,
-            config.max_seq_length, config.pooling) == ("mnr", 32, 2e-5, 0.1, 1, 128, "mean")
+    assert config.model.model == "google-bert/bert-base-uncased"
+    assert config.data.data == ["hf:stanfordnlp/snli:train", "hf:nyu-mll/multi_nli:train"]
+    t = config.training
+    assert (t.loss, t.batch_size, t.lr, t.warmup_ratio, t.epochs, config.model.max_seq_length,
+            config.model.pooling) == ("mnr", 32, 2e-5, 0.1, 1, 128, "mean")
 
 
 def test_flags_override_the_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('batch_size = 64\nlr = 3e-5\ndata = ["a.jsonl"]\n')
     config = TrainConfig.from_sources(str(path), batch_size=16, lr=None)
-    assert (config.batch_size, config.lr, config.data) == (16, 3e-5, ["a.jsonl"])
+    assert (config.training.batch_size, config.training.lr, config.data.data) == (16, 3e-5, ["a.jsonl"])
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -91,16 +93,15 @@ def test_bad_flag_values():
 
 def test_every_setting_says_whether_it_changes_the_weights():
     """A checkpoint resumes only under the same weight-changing settings: a new setting must say which it is."""
-    import dataclasses
+    from mnr.config import keys
 
-    from mnr.rundir import RESULT_SETTINGS
-
-    for f in dataclasses.fields(TrainConfig):
-        assert isinstance(f.metadata.get("weights"), bool), f"{f.name}: declare weights=True or False in _f(...)"
-    changing = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["weights"]}
-    assert set(RESULT_SETTINGS) == changing - {"data"}  # the data are compared by content, not by name
-    assert {"lr", "batch_size", "seed", "loss", "model"} <= set(RESULT_SETTINGS)
-    assert not {"output", "resume", "eval_steps", "save_every"} & set(RESULT_SETTINGS)
+    for key, (_, f) in keys().items():
+        assert isinstance(f.metadata.get("weights"), bool), f"{key}: declare weights=True or False in setting(...)"
+    config = TrainConfig(mine_negatives=1, symmetric=True)
+    changing = {key for key in config.flat() if keys()[key][1].metadata["weights"]}
+    assert set(config.weight_settings()) == changing - {"data"}  # the data are compared by content, not by name
+    assert {"lr", "batch_size", "seed", "loss", "model", "scale", "mine_range_max"} <= set(config.weight_settings())
+    assert not {"output", "resume", "eval_steps", "save_every"} & set(config.weight_settings())
 
 
 def test_one_file_where_a_list_is_expected_is_a_list_of_one(tmp_path):
@@ -108,17 +109,74 @@ def test_one_file_where_a_list_is_expected_is_a_list_of_one(tmp_path):
     path = tmp_path / "old.toml"
     path.write_text('data = "one.jsonl"\nsts_dev = "sts.jsonl"\nir_dev = ""\n')
     config = TrainConfig.from_sources(str(path))
-    assert (config.data, config.sts_dev, config.ir_dev) == (["one.jsonl"], ["sts.jsonl"], [])
+    assert (config.data.data, config.eval.sts_dev, config.eval.ir_dev) == (["one.jsonl"], ["sts.jsonl"], [])
 
 
 def test_dev_sets_are_named_by_kind_then_by_file():
     one = TrainConfig(sts_dev=["sts/stsb_dev.jsonl.gz"], ir_dev=["retrieval/scifact:train[:100]"])
-    assert one.dev_sets() == {"sts_dev": ("sts_dev", "sts/stsb_dev.jsonl.gz"),
-                              "ir_dev": ("ir_dev", "retrieval/scifact:train[:100]")}
+    assert one.eval.dev_sets() == {"sts_dev": ("sts", "sts/stsb_dev.jsonl.gz"),
+                                   "ir_dev": ("retrieval", "retrieval/scifact:train[:100]")}
     several = TrainConfig(sts_dev=["sts/stsb_dev.jsonl.gz", "other/stsb_dev.csv", "sick.tsv"],
                           ir_dev=["retrieval/scifact:train[:100]", "beir/nfcorpus:dev"],
                           best_metric="ir_dev/nfcorpus:recall@100")
-    assert list(several.dev_sets()) == ["sts_dev/stsb_dev", "sts_dev/stsb_dev-2", "sts_dev/sick", "ir_dev/scifact",
+    assert list(several.eval.dev_sets()) == ["sts_dev/stsb_dev", "sts_dev/stsb_dev-2", "sts_dev/sick", "ir_dev/scifact",
                                         "ir_dev/nfcorpus"]
     with pytest.raises(ConfigError, match=r"--best-metric must name a dev set of this run \(sts_dev/stsb_dev, "):
         TrainConfig(sts_dev=["a/stsb_dev.jsonl", "b.jsonl"], best_metric="sts_dev")
+
+
+# config.toml as mnr wrote it before settings were grouped: every key of every component, at its default
+OLD_CONFIG_TOML = """\
+# resolved mnr training config: `mnr train --config THIS_FILE --output NEW_DIR` repeats the run
+model = "sentence-transformers/all-MiniLM-L6-v2"
+data = ["a.jsonl"]
+data_dir = ""
+columns = ""
+output = "o"
+max_examples = 0
+strict_qrels = false
+loss = "softmax"
+hard_negatives = false
+mine_negatives = 0
+mine_corpus = ""
+mine_model = ""
+mine_range_max = 50
+mine_relative_margin = 0.05
+symmetric = false
+scale = 20.0
+pooling = ""
+max_seq_length = 0
+layout = "auto"
+batch_size = 32
+mini_batch_size = 0
+epochs = 1
+lr = 2e-05
+warmup_ratio = 0.1
+weight_decay = 0.01
+max_grad_norm = 1.0
+seed = 0
+# bf16: not set (decided at run time)
+device = "auto"
+sts_dev = []
+ir_dev = []
+ignore_identical_ids = false
+best_metric = ""
+eval_steps = 500
+tensorboard = false
+save_every = 500
+keep_checkpoints = 2
+resume = false
+nproc = 1
+"""
+
+
+def test_a_config_toml_written_before_settings_were_grouped_still_loads(tmp_path):
+    """Old files hold the other loss's settings and mining's at their defaults of the time, with mining off."""
+    path = tmp_path / "config.toml"
+    path.write_text(OLD_CONFIG_TOML)
+    config = TrainConfig.from_sources(str(path))
+    assert (config.training.loss, config.mining, config.data.data) == ("softmax", None, ["a.jsonl"])
+    assert config == TrainConfig(loss="softmax", data=["a.jsonl"], output="o")
+    mined = TrainConfig.from_sources(str(path), loss="mnr", mine_negatives=1)
+    assert (mined.mining.range_max, mined.mining.relative_margin) == (50, 0.05)  # as the file says
+

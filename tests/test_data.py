@@ -10,15 +10,14 @@ import pytest
 from mnr.data import (
     LABELLED,
     load_nli,
-    load_sts,
     load_training_set,
     nli_pairs,
     nli_triplets,
     parse_column_map,
-    parse_hub_spec,
-    resolve_path,
 )
 from mnr.errors import DataError
+from mnr.evaluate import load_sts
+from mnr.fileio import parse_hub_spec, resolve_path
 
 from .conftest import write_jsonl
 

@@ -12,7 +12,8 @@ import torch
 
 from mnr.config import TrainConfig
 from mnr.model import SentenceEncoder
-from mnr.train import forward_backward, prepare
+from mnr.recipe import prepare
+from mnr.train import forward_backward
 
 from .conftest import SENTENCES
 
@@ -44,14 +45,15 @@ WORKER = LIVE_GLOO_THREADS + """
 import json, os, sys, torch
 from mnr import distributed
 from mnr.config import TrainConfig
-from mnr.train import forward_backward, prepare
+from mnr.recipe import prepare
+from mnr.train import forward_backward
 
 
 def one_step(config):  # like train(): the setup, DistributedDataParallel wrapper included, is local
     s = prepare(config)
     rank, world_size = distributed.world()
     assert world_size == 2
-    k = config.batch_size
+    k = config.training.batch_size
     loss = forward_backward(s, list(range(rank * k, (rank + 1) * k)), config).item()  # rank r: rows r*k .. r*k+k-1
     return rank, loss, {n: p.grad for n, p in s.encoder.named_parameters() if p.grad is not None}
 

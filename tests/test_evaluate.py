@@ -3,8 +3,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from mnr.data import load_sts
-from mnr.evaluate import comparison_table, evaluate_sts
+from mnr.evaluate import comparison_table, evaluate_sts, load_sts
 
 
 def test_evaluate_sts_by_hand(tiny_encoder, sts_file):

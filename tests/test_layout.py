@@ -149,9 +149,9 @@ def test_old_config_files_with_packing_still_load(tmp_path):
 
     path = tmp_path / "old.toml"
     path.write_text("packing = false\n")
-    assert TrainConfig.from_sources(str(path)).layout == "padded"
+    assert TrainConfig.from_sources(str(path)).model.layout == "padded"
     path.write_text("packing = true\n")
-    assert TrainConfig.from_sources(str(path)).layout == "auto"
+    assert TrainConfig.from_sources(str(path)).model.layout == "auto"
 
 
 def test_with_gradient_caching_the_measured_batches_are_chunks(no_dropout_model, nli_file, tmp_path, monkeypatch,

@@ -158,7 +158,8 @@ def test_a_cuda_training_step_never_waits_for_the_gpu(tiny_model_dir, nli_file):
     """Forward, backward, clipping and the optimizer step queue work without a host synchronisation
     (torch raises on one in this mode); reading the loss afterwards is the only wait."""
     from mnr.config import TrainConfig
-    from mnr.train import make_optimizer, prepare, train_step
+    from mnr.recipe import prepare
+    from mnr.train import make_optimizer, train_step
 
     config = TrainConfig(model=str(tiny_model_dir), data=[str(nli_file)], output="unused", batch_size=4,
                          device="cuda", bf16=True, hard_negatives=True)

@@ -189,7 +189,7 @@ def test_training_and_mining_skip_judged_passages_missing_from_the_corpus(tmp_pa
         load_training_set([f"{folder}:train"], strict_qrels=True)
     output = tmp_path / "mined.jsonl"
     assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(output),
-                 "--num-negatives", "1", "--device", "cpu"]) == 0
+                 "--num-negatives", "1", "--relative-margin", "0", "--device", "cpu"]) == 0
     assert len(output.read_text().splitlines()) == 12
     assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(tmp_path / "m2.jsonl"),
                  "--strict-qrels"]) == 2
@@ -475,7 +475,7 @@ def test_mined_negatives_are_the_best_ranked_non_positives(tiny_encoder, qa_pair
     data = load_training_set([str(qa_pairs)])
     rows = [(a, p) for a, p in data.rows]
     corpus = SENTENCES + [f"extra passage {i}" for i in range(10)]
-    mined = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=3), progress=False)
+    mined = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=3, relative_margin=0), progress=False)
     assert mined.short == 0 and len(mined.rows) == len(rows)
     for anchor, _, *negatives in mined.rows:
         own = {p for a, p in rows if a == anchor} | {anchor}
@@ -492,21 +492,26 @@ def test_mined_negatives_are_the_best_ranked_non_positives(tiny_encoder, qa_pair
 def test_mining_filters_range_and_margins(tiny_encoder, qa_pairs):
     rows = [tuple(r) for r in load_training_set([str(qa_pairs)]).rows]
     corpus = SENTENCES + [f"extra passage {i}" for i in range(10)]
-    top = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2), progress=False)
-    skipped = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, range_min=2), progress=False)
+    top = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0), progress=False)
+    skipped = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0,
+                                                           range_min=2), progress=False)
     for a, b in zip(top.rows, skipped.rows, strict=True):
         assert not set(a[2:]) & set(b[2:])  # the two best are skipped
-    margin = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, absolute_margin=0.05), progress=False)
+    margin = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0,
+                                                           absolute_margin=0.05), progress=False)
     relative = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0.1), progress=False)
     for mined, ok in ((margin, lambda s, low: s <= low - 0.05 + 1e-6),
                       (relative, lambda s, low: s <= low - abs(low) * 0.1 + 1e-6)):
         for anchor, _, *negatives in mined.rows:
             low = min(scores_of(tiny_encoder, anchor, [p for a, p in rows if a == anchor]))
             assert all(ok(s, low) for s in scores_of(tiny_encoder, anchor, negatives))
-    capped = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, max_score=-2.0), progress=False)
+    capped = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0,
+                                                           max_score=-2.0), progress=False)
     assert capped.rows == [] and capped.short == len(rows) and capped.skipped["max_score"] > 0
-    a = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, sampling="random", seed=3), progress=False)
-    b = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, sampling="random", seed=3), progress=False)
+    a = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0,
+                                                           sampling="random", seed=3), progress=False)
+    b = mine(tiny_encoder, rows, corpus, MiningSettings(num_negatives=2, relative_margin=0,
+                                                           sampling="random", seed=3), progress=False)
     assert a.rows == b.rows and a.rows != top.rows
 
 
@@ -514,7 +519,8 @@ def test_mnr_mine_writes_rows_mnr_train_takes(tmp_path, tiny_model_dir, capsys):
     folder = beir_folder(tmp_path)
     output = tmp_path / "mined.jsonl"
     assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--corpus", str(folder), "--output",
-                 str(output), "--num-negatives", "4", "--range-max", "12", "--device", "cpu"]) == 0
+                 str(output), "--num-negatives", "4", "--range-max", "12", "--relative-margin", "0", "--device",
+                 "cpu"]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert list(rows[0]) == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "negative_4"]
@@ -540,7 +546,8 @@ def test_mnr_mine_counts_rows_left_out(tmp_path, tiny_model_dir, qa_pairs, capsy
                     for a in dict.fromkeys(a for a, _ in rows)]
     output = tmp_path / "mined.csv"
     assert main(["mine", str(tiny_model_dir), "--data", str(qa_pairs), "--output", str(output), "--num-negatives",
-                 "3", "--max-score", str(float(np.median(third_lowest))), "--device", "cpu"]) == 0
+                 "3", "--max-score", str(float(np.median(third_lowest))), "--relative-margin", "0", "--device",
+                 "cpu"]) == 0
     out = capsys.readouterr().out
     written = list(csv.reader(output.open()))
     left_out = int(out.split("rows with 3 negatives each; ")[1].split()[0])
@@ -563,7 +570,8 @@ def test_train_mines_the_rows_mnr_mine_writes(tmp_path, tiny_model_dir, caplog):
     folder = beir_folder(tmp_path)
     mined = tmp_path / "mined.jsonl"
     assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(mined), "--num-negatives",
-                 "2", "--range-max", "12", "--device", "cpu"]) == 0  # no margin: a random model ranks at random
+                 "2", "--range-max", "12", "--relative-margin", "0", "--device", "cpu"]) == 0  # a random model
+    # ranks at random: no margin
     run = tmp_path / "run"
     length = SentenceEncoder.load(str(tiny_model_dir)).max_seq_length
     with caplog.at_level(logging.INFO):
@@ -605,8 +613,8 @@ def test_the_first_evaluation_reuses_the_corpus_mining_embedded(tmp_path, tiny_m
     monkeypatch.setattr(SentenceEncoder, "encode", counting)
     dev = RetrievalEvaluator(load_retrieval(f"{folder}:train[:4]"))
     base_scores = dev(SentenceEncoder.load(str(tiny_model_dir), max_seq_length=32))
-    with pytest.raises(ValueError, match="expected \\(24, "):
-        dev(SentenceEncoder.load(str(tiny_model_dir), max_seq_length=32), passages=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="expected 24 embeddings of the corpus"):
+        dev.reuse(torch.zeros(3, 4))
     encoded.clear()
     run = tmp_path / "run"
     assert main(["train", "--model", str(tiny_model_dir), "--data", f"{folder}:train[4:]", "--ir-dev",
@@ -634,7 +642,7 @@ def test_train_mines_with_another_model(tmp_path, tiny_model_dir):
     for name, model in (("base", tiny_model_dir), ("miner", miner_dir)):
         mined[name] = tmp_path / f"{name}.jsonl"
         assert main(["mine", str(model), "--data", f"{folder}:train[4:]", "--output", str(mined[name]),
-                     "--num-negatives", "1", "--range-max", "12", "--device", "cpu"]) == 0
+                     "--num-negatives", "1", "--range-max", "12", "--relative-margin", "0", "--device", "cpu"]) == 0
     assert mined["base"].read_text() != mined["miner"].read_text()  # the two models rank differently
     common = ["train", "--model", str(tiny_model_dir), "--ir-dev", f"{folder}:train[:4]", "--batch-size", "4",
               "--max-seq-length", "64", "--save-every", "0", "--no-bf16", "--seed", "3"]
@@ -692,3 +700,23 @@ def test_device_auto_is_the_cpu_here_and_unknown_devices_are_refused(tiny_model_
         assert "--device cuda: " in capsys.readouterr().err  # no CUDA build, or no GPU: test_device says which
     assert main(["encode", str(tiny_model_dir), "--input", "x.txt", "--output", "y.npy", "--device", "tpu"]) == 2
     assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+
+
+def test_mnr_mine_and_train_share_one_set_of_mining_defaults(tmp_path, tiny_model_dir, capsys):
+    """Mining's settings are defined once (mnr.mine.MiningSettings): mnr mine's flags and mnr train's mine_ keys
+    have the same defaults, checks and messages (there under their own names)."""
+    from mnr.config import TrainConfig
+    from mnr.errors import ConfigError
+
+    assert TrainConfig(mine_negatives=3).mining == MiningSettings()
+    assert (MiningSettings().range_max, MiningSettings().relative_margin) == (100, 0.05)
+    with pytest.raises(ConfigError, match="--mine-range-max - --mine-range-min must leave room for --mine-negatives"):
+        TrainConfig(mine_negatives=3, mine_range_min=5, mine_range_max=7)
+    with pytest.raises(ConfigError, match="--mine-sampling must be top or random, got 'best'"):
+        TrainConfig(mine_negatives=1, mine_sampling="best")
+    # the default margin is on in both: mnr mine says how many candidates it removed
+    folder = beir_folder(tmp_path)
+    assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(tmp_path / "m.jsonl"),
+                 "--num-negatives", "1", "--device", "cpu"]) == 0
+    assert "removed by the relative margin" in capsys.readouterr().out
+

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from mnr.cli import main
-from mnr.data import load_sts, load_training_set, parse_column_map
+from mnr.data import load_training_set, parse_column_map
 from mnr.errors import DataError
+from mnr.evaluate import load_sts
 
 from .conftest import SENTENCES, write_jsonl
 from .test_checkpoint import SLOW, spawn, wait_for_step

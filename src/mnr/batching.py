@@ -133,3 +133,18 @@ def epoch_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int,
             f"duplicates ({len(data.rows)} rows, {distinct} distinct texts); lower --batch-size or add data"
         )
     return batches
+
+
+def process_batches(data: TrainingSet, batch_size: int, seed: int, epoch: int, *, duplicate_free: bool = True,
+                    rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This process's batches of one epoch.
+
+    With several processes, each global batch (``batch_size`` x processes rows, duplicate-free
+    as a whole) is cut into one slice per process; a last global batch too small to give every
+    process a full slice is dropped, since the processes gather equal-sized tensors.
+    """
+    size = batch_size * world_size
+    batches = epoch_batches(data, size, seed, epoch, duplicate_free=duplicate_free)
+    if world_size == 1:
+        return batches
+    return [b[rank * batch_size : (rank + 1) * batch_size] for b in batches if len(b) == size]

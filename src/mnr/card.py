@@ -18,8 +18,12 @@ from pathlib import Path
 import torch
 import transformers
 
+from mnr import settings
 from mnr.config import TrainConfig
-from mnr.data import HUB_PREFIX, TrainingSet, parse_hub_spec
+from mnr.data import TrainingSet
+from mnr.fileio import HUB_PREFIX, parse_hub_spec
+from mnr.mine import MiningSettings
+from mnr.version import __version__
 
 POOLING_WORDS = {"mean": "mean of the token embeddings", "cls": "the first ([CLS]) token's embedding",
                  "max": "maximum over the token embeddings"}
@@ -63,7 +67,7 @@ def model_card(facts: RunFacts, path: Path, which: str) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| base model | {_base_link(config.model)} |",
+        f"| base model | {_base_link(config.model.model)} |",
         f"| pooling | {POOLING_WORDS.get(facts.pooling, facts.pooling)} |",
         f"| embedding dimension | {facts.dim} |",
         f"| max sequence length | {facts.max_seq_length} tokens (longer texts are cut) |",
@@ -105,7 +109,7 @@ def model_card(facts: RunFacts, path: Path, which: str) -> str:
         _command(facts, path),
         "```",
         "",
-        f"`mnr_config.toml` beside this file holds every setting of the run. Written by mnr {_version()}.",
+        f"`mnr_config.toml` beside this file holds every setting of the run. Written by mnr {__version__}.",
         "",
     ])
 
@@ -154,11 +158,11 @@ def _front_matter(facts: RunFacts, base: bool = False) -> str:
     lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:"]
     trained = () if base else ("mnr", f"loss:{facts.loss}")
     lines += [f"- {tag}" for tag in ("sentence-transformers", "sentence-similarity", "feature-extraction", *trained)]
-    if _is_hub_name(facts.config.model):
-        lines.append(f"base_model: {json.dumps(facts.config.model)}")
+    if _is_hub_name(facts.config.model.model):
+        lines.append(f"base_model: {json.dumps(facts.config.model.model)}")
     if facts.base_license:
         lines.append(f"license: {json.dumps(facts.base_license)}")
-    datasets = list(dict.fromkeys(parse_hub_spec(spec)[0] for spec in facts.config.data
+    datasets = list(dict.fromkeys(parse_hub_spec(spec)[0] for spec in facts.config.data.data
                                   if spec.startswith(HUB_PREFIX)))
     if datasets:
         lines += ["datasets:", *[f"- {json.dumps(name)}" for name in datasets]]
@@ -168,14 +172,14 @@ def _front_matter(facts: RunFacts, base: bool = False) -> str:
 def _summary(facts: RunFacts, which: str) -> str:
     if facts.step == 0:
         measure = f" on {facts.best[0]} {facts.best[1]}" if facts.best else ""
-        return (f"This is the base model {_base_link(facts.config.model)} unchanged, not a fine-tuned one: no "
+        return (f"This is the base model {_base_link(facts.config.model.model)} unchanged, not a fine-tuned one: no "
                 f"evaluation of the mnr run below beat it{measure}, so the run's `{which}/` holds the model as it "
                 f"was before the first step (the trained model is the run's `final/`). The run is described "
                 f"below.")
     what = (f"This is the model of step {facts.step} of {facts.total_steps}, the best on "
             f"{facts.best[0]} {facts.best[1]} (`best/` of the run)." if which == "best" and facts.best else
             f"This is the model after the last step ({facts.step} of {facts.total_steps}; `final/` of the run).")
-    return (f"A sentence-embedding model fine-tuned from {_base_link(facts.config.model)} with mnr "
+    return (f"A sentence-embedding model fine-tuned from {_base_link(facts.config.model.model)} with mnr "
             f"({facts.loss}) on {len(facts.data):,} rows. It maps a text to a {facts.dim}-dimensional vector; the "
             f"cosine similarity of two vectors says how close the texts are in meaning. {what}")
 
@@ -189,8 +193,8 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
     base_note = " (step 0 is the base model, before training)" if facts.evaluations[0]["step"] == 0 else ""
     config = facts.config
     identical = ", a passage whose id is the query's own left out of its ranking (MTEB's ignore_identical_ids)"
-    described = {name: f"`{spec}`" + (identical if kind == "ir_dev" and config.ignore_identical_ids else "")
-                 for name, (kind, spec) in config.dev_sets().items()}
+    described = {name: f"`{spec}`" + (identical if kind == "retrieval" and config.eval.ignore_identical_ids else "")
+                 for name, (kind, spec) in config.eval.dev_sets().items()}
     named = [f"- {name}: {described[name]}" for name in sets if name in described]
     lines = ["## Evaluation", "", f"Measured during training on the run's dev set{base_note}:", "",
              *([*named, ""] if named else []),
@@ -207,7 +211,7 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
         name, metric = facts.best
         lines += ["", f"{name} {metric}: {this[name][metric]:.2f} for this model, {base[name][metric]:.2f} for the "
                       f"base model ({this[name][metric] - base[name][metric]:+.2f})."]
-    if config.bf16:
+    if config.training.bf16:
         lines += ["", "These scores were computed under bf16 autocast, as the run trained: `mnr eval --bf16` gives "
                       "the same figures, plain `mnr eval` (fp32) figures a few hundredths apart."]
     return [*lines, ""]
@@ -216,49 +220,52 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
 def _training_rows(facts: RunFacts) -> list[str]:
     config, data = facts.config, facts.data
     sources = "; ".join(f"`{name}` ({rows:,} rows)" for name, rows in data.sources.items())
-    loss_settings = ", ".join(f"{name} {_word(getattr(config, name))}" for name in _loss_settings(config))
+    mining, training = config.mining, config.training
+    loss_settings = ", ".join(f"{name} {_word(value)}" for name, value in settings.items(config.loss))
     rows = [
         f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)})" +
-        (f", a seeded sample of {config.max_examples:,}" if config.max_examples else "") + " |",
-        *([f"| hard negatives | {config.mine_negatives} per row, mined before training: "
-           f"{f'`{config.mine_model}`' if config.mine_model else 'the base model'}'s best-ranked "
-           f"passages of {f'`{config.mine_corpus}`' if config.mine_corpus else 'the data corpus'} among its top "
-           f"{config.mine_range_max}, the anchor's positives excluded"
-           + (f", relative margin {config.mine_relative_margin:g}" if config.mine_relative_margin else "")
-           + "; rows that found fewer left out |"] if config.mine_negatives else []),
+        (f", a seeded sample of {config.data.max_examples:,}" if config.data.max_examples else "") + " |",
+        *([f"| hard negatives | {mining.num_negatives} per row, mined before training: "
+           f"{f'`{mining.model}`' if mining.model else 'the base model'}'s best-ranked "
+           f"passages of {f'`{mining.corpus}`' if mining.corpus else 'the data corpus'} among its top "
+           f"{mining.range_max}, the anchor's positives excluded" + _mining_filters(mining)
+           + "; rows that found fewer left out |"] if mining else []),
         f"| loss | {facts.loss}" + (f" ({loss_settings})" if loss_settings else "") + " |",
-        f"| batch | {config.batch_size} rows per step" + (f" and process ({config.batch_size * facts.processes} in all)"
-                                                            if facts.processes > 1 else "") +
-        (f", embedded {config.mini_batch_size} texts at a time (gradient caching)" if config.mini_batch_size else "")
-        + " |",
-        f"| epochs, steps | {config.epochs}, {facts.total_steps} |",
-        f"| learning rate | {config.lr:g} peak; linear warm-up over {config.warmup_ratio:.0%} of the steps, then "
-        f"linear decay to 0; AdamW, weight decay {config.weight_decay:g}, gradient norm clipped to "
-        f"{config.max_grad_norm:g} |",
-        f"| precision | {'bf16 autocast (fp32 weights and loss)' if config.bf16 else 'fp32'} |",
+        f"| batch | {training.batch_size} rows per step" + (f" and process ({training.batch_size * facts.processes} "
+                                                              "in all)" if facts.processes > 1 else "") +
+        (f", embedded {training.mini_batch_size} texts at a time (gradient caching)" if training.mini_batch_size
+         else "") + " |",
+        f"| epochs, steps | {training.epochs}, {facts.total_steps} |",
+        f"| learning rate | {training.lr:g} peak; linear warm-up over {training.warmup_ratio:.0%} of the steps, then "
+        f"linear decay to 0; AdamW, weight decay {training.weight_decay:g}, gradient norm clipped to "
+        f"{training.max_grad_norm:g} |",
+        f"| precision | {'bf16 autocast (fp32 weights and loss)' if training.bf16 else 'fp32'} |",
         *([f"| layout | {facts.layout} |"] if facts.layout else []),
         f"| processes | {facts.processes} |",
-        f"| seed | {config.seed} |",
+        f"| seed | {training.seed} |",
     ]
     if facts.train_seconds:
         rows.append(f"| training time | {_duration(facts.train_seconds)} for {facts.rows:,} rows "
                     f"({facts.rows / facts.train_seconds:.1f} rows/s{' per process' if facts.processes > 1 else ''}) |")
     if facts.hardware:
         rows.append(f"| hardware | {facts.hardware} |")
-    rows.append(f"| versions | mnr {_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+    rows.append(f"| versions | mnr {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
                 f"Python {platform.python_version()} |")
     return rows
 
 
-def _loss_settings(config: TrainConfig) -> tuple[str, ...]:
-    from mnr.losses import LOSSES
-
-    return LOSSES[config.loss].settings
+def _mining_filters(mining: MiningSettings) -> str:
+    """The filters beyond the range, as the card names them."""
+    return "".join([f", ranks from {mining.range_min}" if mining.range_min else "",
+                    f", absolute margin {mining.absolute_margin:g}" if mining.absolute_margin is not None else "",
+                    f", relative margin {mining.relative_margin:g}" if mining.relative_margin else "",
+                    f", scores at most {mining.max_score:g}" if mining.max_score is not None else "",
+                    f", a seeded random sample (seed {mining.seed})" if mining.sampling == "random" else ""])
 
 
 def _command(facts: RunFacts, path: Path) -> str:
     args = ["mnr", "train", "--config", str(path / "mnr_config.toml")]
-    if not facts.config.data_dir and facts.data_dir is not None:
+    if not facts.config.data.data_dir and facts.data_dir is not None:
         args += ["--data-dir", str(facts.data_dir)]
     return shlex.join([*args, "--output", "NEW_OUTPUT_DIR", "--no-resume"])
 
@@ -267,12 +274,6 @@ def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
-
-
-def _version() -> str:
-    from mnr import __version__
-
-    return __version__
 
 
 def _word(value) -> str:

@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import sys
-import typing
 from pathlib import Path
 
 from mnr.device import resolve_device
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune sentence-embedding models with Multiple Negatives Ranking loss, "
                     "and measure them on semantic textual similarity (STS).",
     )
-    from mnr import __version__
+    from mnr.version import __version__
 
     parser.add_argument("--version", action="version", version=f"mnr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,27 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     mine_parser.add_argument("model", metavar="MODEL", help="model directory or hub name that ranks the candidates")
     mine_parser.add_argument("--data", required=True, nargs="+", metavar="SPEC", help="rows to mine for: pairs files "
                              "(anchor, positive) or retrieval folders DIR[:SPLIT][[START:STOP]] (their judged pairs)")
-    mine_parser.add_argument("--corpus", metavar="SPEC", help="where negatives come from: a retrieval folder (its "
-                             "corpus), a corpus file (_id, title, text or a text column; .jsonl/.csv/.tsv/.parquet) "
-                             "or a .txt file (one passage per line); default: the corpus of the retrieval folders "
-                             "in --data, and every text of --data but its anchors")
     mine_parser.add_argument("--output", required=True, metavar="FILE", help=".jsonl, .csv or .tsv (optionally .gz)")
     mine_parser.add_argument("--columns", default="", help="map --data column names to ours, e.g. "
                              "anchor=question,positive=answer")
     mine_parser.add_argument("--data-dir", help="where relative paths are looked up (default: $MNR_DATA_DIR)")
-    mine_parser.add_argument("--num-negatives", type=int, default=3, help="negatives per row (default: 3)")
-    mine_parser.add_argument("--range-min", type=int, default=0, help="skip this many of the best-ranked "
-                             "candidates (likely false negatives; default: 0)")
-    mine_parser.add_argument("--range-max", type=int, default=100, help="consider candidates up to this rank "
-                             "(default: 100)")
-    mine_parser.add_argument("--absolute-margin", type=float, help="keep a candidate only if its score is at least "
-                             "this much below the anchor's lowest positive score")
-    mine_parser.add_argument("--relative-margin", type=float, help="keep a candidate only if its score is at most "
-                             "(1 - this) x the positive score, e.g. 0.05")
-    mine_parser.add_argument("--max-score", type=float, help="keep a candidate only if its score is at most this")
-    mine_parser.add_argument("--sampling", choices=["top", "random"], default="top",
-                             help="top: the best remaining candidates; random: a seeded sample of them")
-    mine_parser.add_argument("--seed", type=int, default=0, help="for --sampling random (default: 0)")
+    from mnr.mine import MiningSettings
+    from mnr.settings import add_flags
+
+    add_flags(mine_parser, MiningSettings, skip=("model",))  # the settings mnr train reads as --mine-...
     _add_strict_qrels_flag(mine_parser, "its judgement is skipped")
     mine_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_encoding_flags(mine_parser, "scores move by about 1e-4")
@@ -181,36 +167,34 @@ def _add_strict_qrels_flag(parser: argparse.ArgumentParser, default_effect: str)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; default None so we can tell which flags were given."""
-    from mnr.config import TrainConfig
+    """One flag per key of TrainConfig (every group's, mining's as mine_ keys, every loss's); default None, so
+    we can tell which flags were given."""
+    from mnr.config import GROUPS, MINING_HELP, MINING_KEYS
+    from mnr.losses import LOSSES
+    from mnr.mine import MiningSettings
+    from mnr.settings import add_flags
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = default not in ("", [], None)
-        help_text = f"{f.metadata['help']} (default: {default!r})" if shown else f.metadata["help"]
-        if kind in (bool, bool | None):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind == list[str]:  # a repeated flag adds to the list (argparse's default would keep the last)
-            parser.add_argument(flag, nargs="+", action="extend", default=None,
-                                metavar="SPEC" if f.name in ("data", "ir_dev") else "FILE", help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+    for group in GROUPS.values():
+        add_flags(parser, group)
+    add_flags(parser, MiningSettings, keys=MINING_KEYS, defaults={"num_negatives": 0},
+              helps={"num_negatives": MINING_HELP})
+    added = set()
+    for loss in LOSSES.values():  # a setting two losses share is one flag
+        add_flags(parser, loss.Settings, skip=tuple(added))
+        added |= {f.name for f in dataclasses.fields(loss.Settings)}
 
 
 def _train(args: argparse.Namespace) -> int:
     from mnr import distributed
-    from mnr.config import TrainConfig
+    from mnr.config import TrainConfig, keys
     from mnr.errors import Stopped
     from mnr.train import train
 
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    flags = {key: getattr(args, key) for key in keys()}
     config = TrainConfig.from_sources(args.config, **flags)
-    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet launched: let torchrun start the processes
+    if config.run.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet launched: let torchrun start the processes
         os.environ[COMMAND_VARIABLE] = shlex.join(["mnr", *sys.argv[1:]])  # for the resume command, --nproc kept
-        distributed.launch(config.nproc, sys.argv[1:])
+        distributed.launch(config.run.nproc, sys.argv[1:])
     rank = 0
     try:
         with distributed.process_group(clean_exits=(Stopped,)):  # every process stops at the same step
@@ -236,21 +220,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mnr.data import (
-        STS_COLUMNS_HINT,
-        data_dir,
-        is_retrieval_spec,
-        load_sts,
-        parse_column_map,
-        resolve_path,
-        short_name,
-        split_spec,
-    )
+    from mnr.data import parse_column_map
     from mnr.errors import ConfigError
-    from mnr.evaluate import comparison_table, evaluate_sts
-    from mnr.fileio import atomic_file, check_new_file, write_json
+    from mnr.evaluate import RETRIEVAL, STS, STS_COLUMNS_HINT, comparison_table, evaluators
+    from mnr.fileio import atomic_file, check_new_file, data_dir, short_name, write_json
     from mnr.model import SentenceEncoder
-    from mnr.retrieval import RetrievalEvaluator, load_retrieval, mean_of_sets, retrieval_table
+    from mnr.retrieval import mean_of_sets, retrieval_table, split_spec
 
     device = resolve_device(args.device)
     root = data_dir(args.data_dir)
@@ -264,43 +239,42 @@ def _eval(args: argparse.Namespace) -> int:
         specs = ["sts/stsb_test.jsonl.gz"]
     else:
         raise ConfigError("--sts: no STS file given (and no --data-dir / $MNR_DATA_DIR to find stsb_test in)")
-    column_map = parse_column_map(args.columns)
-    sts_sets = {short_name(spec): load_sts(resolve_path(spec, root), column_map, hint=STS_COLUMNS_HINT)
-                for spec in specs}
-    retrieval_sets, counts = {}, {}
+    sets = {short_name(spec): (STS, spec) for spec in specs}
     for spec in args.retrieval or []:
-        if not is_retrieval_spec(spec, root):
-            raise ConfigError(f"--retrieval {spec}: no such folder" + ("" if root else " (relative paths are also "
-                              "looked up under --data-dir / $MNR_DATA_DIR)"))
-        data = load_retrieval(resolve_path(spec, root), default_split=args.split, strict=args.strict_qrels)
         folder, split, part = split_spec(spec)
-        name = f"{Path(folder).name}:{split or args.split}" + (f"[{part}]" if part else "")
+        sets[f"{Path(folder).name}:{split or args.split}" + (f"[{part}]" if part else "")] = (RETRIEVAL, spec)
+    loaded = evaluators(sets, root, flags={STS: "--sts", RETRIEVAL: "--retrieval"}, default_split=args.split,
+                        strict_qrels=args.strict_qrels, ignore_identical_ids=args.ignore_identical_ids,
+                        column_map=parse_column_map(args.columns), hint=STS_COLUMNS_HINT)
+    counts = {}
+    for e in loaded:
+        if sets[e.name][0] != RETRIEVAL:
+            continue
+        data = e.data
         notes = [f"{data.skipped} without a relevant passage skipped"] if data.skipped else []
         if data.missing:
             notes.append(f"{data.missing} judged relevant passages not in the corpus (never retrieved)")
-        print(f"{name}: {len(data.queries):,} queries, {len(data.passages):,} passages"
+        print(f"{e.name}: {len(data.queries):,} queries, {len(data.passages):,} passages"
               + "".join(f", {note}" for note in notes), file=sys.stderr)
-        retrieval_sets[name] = RetrievalEvaluator(data, name=name, ignore_identical_ids=args.ignore_identical_ids)
-        counts[name] = {"queries": len(data.queries), "passages": len(data.passages), "skipped_queries": data.skipped,
-                        "missing_judgements": data.missing, "ignore_identical_ids": args.ignore_identical_ids}
+        counts[e.name] = {"queries": len(data.queries), "passages": len(data.passages), "skipped_queries": data.skipped,
+                          "missing_judgements": data.missing, "ignore_identical_ids": args.ignore_identical_ids}
     # every model loads (on the CPU) before any is scored: a typo in the last one fails now, not after minutes
     encoders = {model: SentenceEncoder.load(model, device="cpu") for model in args.models}
-    sts_results, retrieval_results = {}, {}
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {STS: {}, RETRIEVAL: {}}
     for model, encoder in encoders.items():
         encoder.to(device)
-        sts_results[model] = {name: evaluate_sts(encoder, examples, args.batch_size, bf16=args.bf16, progress=name)
-                              for name, examples in sts_sets.items()}
-        retrieval_results[model] = {name: evaluator(encoder, batch_size=args.batch_size, bf16=args.bf16,
-                                                    progress=True)
-                                    for name, evaluator in retrieval_sets.items()}
+        for e in loaded:
+            scores = e(encoder, batch_size=args.batch_size, bf16=args.bf16, progress=True)
+            results[sets[e.name][0]].setdefault(model, {})[e.name] = scores
         encoder.to("cpu")
-    tables = [comparison_table(sts_results)] if sts_sets else []
-    tables += [retrieval_table(retrieval_results)] if retrieval_sets else []
+    sts_results, retrieval_results = results[STS], results[RETRIEVAL]
+    tables = [comparison_table(sts_results)] if sts_results else []
+    tables += [retrieval_table(retrieval_results)] if retrieval_results else []
     print("\n\n".join(tables))
     if args.json:
-        figures = {"models": args.models, "sts": sts_results if sts_sets else {},
+        figures = {"models": args.models, "sts": sts_results,
                    "retrieval": {model: {**sets, **({"mean": mean_of_sets(sets)} if len(sets) > 1 else {})}
-                                 for model, sets in retrieval_results.items()} if retrieval_sets else {},
+                                 for model, sets in retrieval_results.items()},
                    "retrieval_sets": counts}
         with atomic_file(args.json) as tmp:
             write_json(tmp, figures)
@@ -335,29 +309,22 @@ def _progress(total: int, desc: str, unit: str):
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from mnr.data import (
-        RANKING,
-        check_writable,
-        data_dir,
-        load_training_set,
-        parse_column_map,
-        resolve_path,
-        write_rows,
-    )
+    from mnr.data import RANKING, load_training_set, parse_column_map
     from mnr.errors import DataError
+    from mnr.fileio import check_writable, data_dir, write_rows
     from mnr.mine import MiningSettings, columns, mine, mining_corpus
     from mnr.model import SentenceEncoder
 
-    settings = MiningSettings(args.num_negatives, args.range_min, args.range_max, args.absolute_margin,
-                              args.relative_margin, args.max_score, args.sampling, args.seed)
+    settings = MiningSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MiningSettings)
+                                 if f.name != "model" and getattr(args, f.name) is not None})
     device = resolve_device(args.device)
     root = data_dir(args.data_dir)
     output = Path(args.output)
     check_writable(output, args.overwrite)  # before any work: mining takes minutes
-    data = load_training_set([resolve_path(spec, root) for spec in args.data], wants=RANKING,
+    data = load_training_set(args.data, root=root, wants=RANKING,
                              column_map=parse_column_map(args.columns), strict_qrels=args.strict_qrels)
     rows = [(row[0], row[1]) for row in data.rows]
-    corpus = mining_corpus(args.corpus, root, data, args.data)
+    corpus = mining_corpus(settings.corpus, root, data, args.data)
     encoder = SentenceEncoder.load(args.model, device=device)
     print(f"mining {settings.num_negatives} negatives for {len(rows):,} rows ({len({a for a, _ in rows}):,} anchors) "
           f"from {len(corpus):,} passages", file=sys.stderr)

@@ -20,12 +20,17 @@ import torch
 from mnr.errors import ConfigError
 
 
+def check_device_name(name: str) -> None:
+    """auto, cpu, cuda or cuda:N (whether this machine has it is ``resolve_device``'s to say)."""
+    if not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not (name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and torch.version.cuda is None:
         version = torch.__version__.split("+")[0]
         raise ConfigError(f"--device {name}: the installed torch ({torch.__version__}) is a CPU-only build; install a "

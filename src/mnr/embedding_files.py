@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mnr.data import count_texts, format_of, parse_column_map, read_records, text_blocks
+from mnr.data import parse_column_map
 from mnr.errors import ConfigError, DataError
-from mnr.fileio import atomic_file, check_new_file
+from mnr.fileio import atomic_file, check_new_file, count_texts, format_of, read_records, text_blocks
 
 OUTPUT_FORMATS = (".npy", ".npz", ".jsonl", ".parquet")
 ID_COLUMNS = ("_id", "id")  # BEIR's and the usual name

@@ -2,20 +2,36 @@
 
 An evaluator is anything with a ``name``, a ``primary`` metric and a call that scores an encoder
 (the ``Evaluator`` protocol). The trainer logs every metric of every evaluator it is given and
-keeps as ``best/`` the model with the highest value of the one metric the run names. STS
-correlation lives here; retrieval (NDCG, MRR, recall over a corpus) in ``mnr.retrieval``.
+keeps as ``best/`` the model with the highest value of the one metric the run names. STS files
+and their correlation live here; retrieval (NDCG, MRR, recall over a corpus) in ``mnr.retrieval``;
+``evaluators`` builds both kinds for ``mnr train``'s dev sets and ``mnr eval`` alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from mnr.data import STSExample
+from mnr.data import STSKind, kind_of, peek, text_of, unknown_columns
+from mnr.errors import ConfigError, DataError
+from mnr.fileio import resolve_path
 from mnr.model import SentenceEncoder
+from mnr.retrieval import RetrievalEvaluator, is_retrieval_spec, load_retrieval, resolve_retrieval_spec
+
+STS, RETRIEVAL = "sts", "retrieval"  # the kinds of evaluation set
+STS_COLUMNS_HINT = "map other names with --columns, e.g. --columns sentence1=text_a,sentence2=text_b,score=label"
+
+
+@dataclass
+class STSExample:
+    sentence1: str
+    sentence2: str
+    score: float
 
 
 class Evaluator(Protocol):
@@ -27,6 +43,33 @@ class Evaluator(Protocol):
                  progress: bool = False) -> dict[str, float]:
         """Every metric, by name (x100 where it is a fraction); ``progress``: a progress bar while it runs."""
         ...
+
+
+def load_sts(spec: str, column_map: dict[str, str] | None = None,
+             hint: str = "rename its columns to sentence1, sentence2, score") -> list[STSExample]:
+    """(sentence1, sentence2, score) examples of an STS file; scores on any scale (STSb: 0-5).
+
+    ``hint`` ends the message for a file whose columns are not those: what the calling command
+    offers to fix it (``mnr eval`` has --columns, ``mnr train --sts-dev`` does not).
+    """
+    columns, records = peek(spec, column_map or {})
+    if not isinstance(kind_of(columns), STSKind):
+        raise unknown_columns(spec, STSKind.name, hint)
+    out = []
+    for where, record in records:
+        s1, s2 = text_of(record, "sentence1", where), text_of(record, "sentence2", where)
+        if "score" not in record:
+            raise DataError(f"{where}: missing column 'score'")
+        try:
+            score = float(record["score"])
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: score must be a number, got {record['score']!r}") from None
+        if score != score:  # NaN would silently poison the correlation
+            raise DataError(f"{where}: score is NaN")
+        out.append(STSExample(s1, s2, score))
+    if len(out) < 2:
+        raise DataError(f"{spec}: an STS file needs at least 2 scored pairs to correlate, found {len(out)}")
+    return out
 
 
 def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64,
@@ -63,6 +106,27 @@ class STSEvaluator:
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
                  progress: bool = False) -> dict[str, float]:
         return evaluate_sts(encoder, self.examples, batch_size, bf16, progress=progress and self.name)
+
+
+def evaluators(sets: dict[str, tuple[str, str]], root: Path | None, *, flags: dict[str, str],
+               default_split: str = "dev", strict_qrels: bool = False, ignore_identical_ids: bool = False,
+               column_map: dict[str, str] | None = None, hint: str | None = None) -> list[Evaluator]:
+    """One evaluator per set, loaded (and checked) now: ``sets`` maps a name to (kind, spec), an STS file or a
+    retrieval folder ``DIR[:SPLIT][[START:STOP]]`` (``default_split`` where it names none), looked up as given or
+    under ``root``; ``flags`` names the flag of each kind in messages; ``column_map`` and ``hint``: STS files'."""
+    out: list[Evaluator] = []
+    for name, (kind, spec) in sets.items():
+        if kind == STS:
+            examples = load_sts(resolve_path(spec, root), column_map, **({"hint": hint} if hint else {}))
+            out.append(STSEvaluator(examples, name=name))
+            continue
+        if not is_retrieval_spec(spec, root):
+            raise ConfigError(f"{flags[kind]} {spec}: no such retrieval folder (DIR[:SPLIT][[START:STOP]])"
+                              + ("" if root else "; relative paths are also looked up under --data-dir / "
+                                                 "$MNR_DATA_DIR"))
+        data = load_retrieval(resolve_retrieval_spec(spec, root), default_split=default_split, strict=strict_qrels)
+        out.append(RetrievalEvaluator(data, name=name, ignore_identical_ids=ignore_identical_ids))
+    return out
 
 
 def comparison_table(results: dict[str, dict[str, dict[str, float]]], metrics: dict[str, str] | None = None) -> str:

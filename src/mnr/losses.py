@@ -6,14 +6,16 @@ premise, hypothesis), so the training loop never needs to know which loss it run
 between losses (the rows they train on, whether a batch may repeat a text, the settings they
 read) each loss says itself, in the attributes of the ``Loss`` protocol; the trainer asks.
 
-Adding a loss is one class with those attributes, plus an entry in ``LOSSES`` (which is what
-``--loss NAME`` looks up); nothing in the training loop changes.
+Adding a loss is one class with those attributes, its settings (a dataclass of ``mnr.settings.setting``
+fields and their checks: each becomes a ``--flag`` and a TOML key) and an entry in ``LOSSES`` (which is what
+``--loss NAME`` looks up); nothing in the configuration or the training loop changes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, ClassVar, Protocol
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +23,7 @@ from torch import nn
 
 from mnr import distributed
 from mnr.data import LABELLED, RANKING
-from mnr.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mnr.config import TrainConfig
+from mnr.settings import check_types, require, setting
 
 
 class Loss(Protocol):
@@ -33,10 +32,13 @@ class Loss(Protocol):
     input: ClassVar[str]  # the rows it trains on: data.RANKING (anchor, positive[, negatives]) or data.LABELLED
     in_batch_negatives: ClassVar[bool]  # other rows' texts are its negatives: no text may repeat in a batch
     cacheable: ClassVar[bool]  # its value depends on the embeddings only, so --mini-batch-size can cache them
-    settings: ClassVar[tuple[str, ...]]  # the TrainConfig fields it reads; another loss's settings are errors
+    Settings: ClassVar[type]  # its own settings: a dataclass of mnr.settings.setting fields, checked on creation
 
     @classmethod
-    def from_config(cls, config: TrainConfig, dim: int, processes: int) -> Loss: ...
+    def from_settings(cls, settings, dim: int, processes: int) -> Loss:
+        """The loss with ``settings`` (a ``Settings``), for embeddings of size ``dim``, trained by ``processes``
+        processes."""
+        ...
 
     def __call__(self, columns: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -44,6 +46,22 @@ class Loss(Protocol):
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, D), (M, D) -> (N, M) cosine similarities."""
     return F.normalize(a, p=2, dim=-1) @ F.normalize(b, p=2, dim=-1).T
+
+
+@dataclass
+class NoSettings:
+    """The settings of a loss that has none."""
+
+
+@dataclass
+class MNRSettings:
+    scale: float = setting(20.0, "mnr: cosine similarities are multiplied by this (1 / temperature)", weights=True)
+    symmetric: bool = setting(False, "mnr: also rank anchors given each positive, and average both directions",
+                              weights=True)
+
+    def __post_init__(self):
+        check_types(self)
+        require(self, "scale", math.isfinite(self.scale) and self.scale > 0, "must be a positive number")
 
 
 class MultipleNegativesRankingLoss(nn.Module):
@@ -77,7 +95,7 @@ class MultipleNegativesRankingLoss(nn.Module):
     input = RANKING
     in_batch_negatives = True
     cacheable = True
-    settings = ("scale", "symmetric")
+    Settings = MNRSettings
 
     def __init__(self, scale: float = 20.0, symmetric: bool = False, gather: bool = False):
         super().__init__()
@@ -88,8 +106,8 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.gather = gather
 
     @classmethod
-    def from_config(cls, config: TrainConfig, dim: int, processes: int) -> MultipleNegativesRankingLoss:
-        return cls(scale=config.scale, symmetric=config.symmetric, gather=processes > 1)
+    def from_settings(cls, settings: MNRSettings, dim: int, processes: int) -> MultipleNegativesRankingLoss:
+        return cls(scale=settings.scale, symmetric=settings.symmetric, gather=processes > 1)
 
     def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
         if len(columns) < 2:
@@ -134,14 +152,14 @@ class SoftmaxLoss(nn.Module):
     input = LABELLED
     in_batch_negatives = False  # each pair is classified on its own: a repeated premise is harmless
     cacheable = True
-    settings = ()
+    Settings = NoSettings
 
     def __init__(self, dim: int, num_labels: int = 3):
         super().__init__()
         self.classifier = nn.Linear(3 * dim, num_labels)
 
     @classmethod
-    def from_config(cls, config: TrainConfig, dim: int, processes: int) -> SoftmaxLoss:
+    def from_settings(cls, settings: NoSettings, dim: int, processes: int) -> SoftmaxLoss:
         return cls(dim, num_labels=3)
 
     def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,26 +173,3 @@ class SoftmaxLoss(nn.Module):
 
 # --loss NAME -> the class. A new loss is a class with the attributes of ``Loss`` and an entry here.
 LOSSES: dict[str, type[Loss]] = {"mnr": MultipleNegativesRankingLoss, "softmax": SoftmaxLoss}
-
-
-def check_settings(config: TrainConfig) -> None:
-    """--loss must name a known loss, and settings that only other losses read must be left at
-    their defaults: a setting that silently does nothing is a mistake its user never sees."""
-    if config.loss not in LOSSES:
-        raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
-    chosen = LOSSES[config.loss]
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    others = {setting for loss in LOSSES.values() for setting in loss.settings} - set(chosen.settings)
-    for setting in sorted(others):
-        if getattr(config, setting) != defaults[setting]:
-            users = [name for name, loss in LOSSES.items() if setting in loss.settings]
-            raise ConfigError(f"--{setting.replace('_', '-')} applies to --loss {' or '.join(users)} only, "
-                              f"got --loss {config.loss}")
-    for flag, on in (("--hard-negatives", config.hard_negatives), ("--mine-negatives", config.mine_negatives)):
-        if on and chosen.input != RANKING:
-            raise ConfigError(f"{flag} adds negatives to ranking rows; --loss {config.loss} trains on labelled pairs")
-
-
-def build(config: TrainConfig, dim: int, processes: int) -> Loss:
-    """The loss ``config.loss`` names, for embeddings of size ``dim``, trained by ``processes`` processes."""
-    return LOSSES[config.loss].from_config(config, dim, processes)

@@ -21,42 +21,63 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from mnr.data import TrainingSet, count_texts, is_retrieval_spec, read_records, resolve_path, split_spec, text_blocks
-from mnr.errors import ConfigError, DataError
+from mnr.data import TrainingSet
+from mnr.errors import DataError
+from mnr.fileio import count_texts, read_records, resolve_path, text_blocks
 from mnr.model import SentenceEncoder
-from mnr.retrieval import encode_for_search, load_corpus, search
+from mnr.retrieval import encode_for_search, is_retrieval_spec, load_corpus, resolve_retrieval_spec, search, split_spec
+from mnr.settings import check_types, flag, require, setting
 
 
 @dataclass
 class MiningSettings:
-    num_negatives: int = 3
-    range_min: int = 0
-    range_max: int = 100
-    absolute_margin: float | None = None
-    relative_margin: float | None = None
-    max_score: float | None = None
-    sampling: str = "top"  # "top" or "random"
-    seed: int = 0
+    """What mining keeps: ``mnr mine`` reads these as they are named here (``--range-max``), ``mnr train`` as
+    mine_ keys (``--mine-range-max``; ``--mine-negatives`` for the count, 0 there: no mining). One set of
+    defaults for both: the top 100 candidates, and NV-Retriever's relative margin of 5% against unjudged positives
+    (on SciFact a range of 50 left out 116 of 800 pairs whose positive the model ranks low, the rows training needs
+    most; 1000 left out 5: BENCHMARKS.md, "Retrieval")."""
 
-    def __post_init__(self):
-        checks = [
-            (self.num_negatives >= 1, "--num-negatives must be at least 1"),
-            (self.range_min >= 0, "--range-min must be >= 0"),
-            (self.range_max > self.range_min, "--range-max must be above --range-min"),
-            (self.range_max - self.range_min >= self.num_negatives,
-             "--range-max - --range-min must leave room for --num-negatives candidates"),
-            (self.sampling in ("top", "random"), "--sampling must be top or random"),
-            (self.relative_margin is None or 0 <= self.relative_margin < 1, "--relative-margin must be in [0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+    num_negatives: int = setting(3, "negatives per row; rows that find fewer are left out and counted", weights=True)
+    range_min: int = setting(0, "skip this many of the best-ranked candidates (likely false negatives)",
+                             weights=True)
+    range_max: int = setting(100, "take candidates from this many of the best-ranked passages", weights=True)
+    absolute_margin: float | None = setting(None, "keep a candidate only if its score is at least this much below "
+                                                  "the anchor's lowest positive score", weights=True)
+    relative_margin: float = setting(0.05, "keep a candidate only if its score is at most (1 - this) x the anchor's "
+                                           "lowest positive score, as a likely unjudged positive otherwise (0.05: "
+                                           "NV-Retriever's setting; 0: no margin)", weights=True)
+    max_score: float | None = setting(None, "keep a candidate only if its score is at most this", weights=True)
+    sampling: str = setting("top", "top: the best remaining candidates; random: a seeded sample of them",
+                            weights=True)
+    seed: int = setting(0, "the seed of random sampling", weights=True)
+    corpus: str = setting("", "where negatives come from: a retrieval folder (its corpus), a corpus file (_id, "
+                              "title, text or a text column; .jsonl/.csv/.tsv/.parquet) or a .txt file (one passage "
+                              "per line); default: the corpus of the retrieval folders among the training data, "
+                              "and every text of the data but its anchors", weights=True)
+    model: str = setting("", "rank the candidates with this model (a directory or hub name, with its own pooling "
+                             "and max length) instead of the base model; e.g. the best/ of a first run, for a second "
+                             "round of mining (training still starts from the base model)", weights=True)
+
+    keys: InitVar[dict[str, str] | None] = None  # field -> key where the command's differ (mnr train: mine_...)
+
+    def __post_init__(self, keys: dict[str, str] | None):
+        check_types(self, keys)
+        named = {name: flag((keys or {}).get(name, name)) for name in ("num_negatives", "range_min")}
+        for name, ok, message in [
+            ("num_negatives", self.num_negatives >= 1, "must be at least 1"),
+            ("range_min", self.range_min >= 0, "must be >= 0"),
+            ("range_max", self.range_max - self.range_min >= self.num_negatives,
+             f"- {named['range_min']} must leave room for {named['num_negatives']} candidates"),
+            ("relative_margin", 0 <= self.relative_margin < 1, "must be in [0, 1)"),
+            ("sampling", self.sampling in ("top", "random"), "must be top or random"),
+        ]:
+            require(self, name, ok, message, keys)
 
 
 @dataclass
@@ -141,7 +162,7 @@ def select(candidates: Candidates, settings: MiningSettings) -> Mined:
         for score, text in ranked[settings.range_min : settings.range_max]:
             if settings.absolute_margin is not None and score > lowest - settings.absolute_margin:
                 skipped["absolute_margin"] += 1
-            elif settings.relative_margin is not None and score > lowest - abs(lowest) * settings.relative_margin:
+            elif settings.relative_margin and score > lowest - abs(lowest) * settings.relative_margin:
                 skipped["relative_margin"] += 1
             elif settings.max_score is not None and score > settings.max_score:
                 skipped["max_score"] += 1
@@ -176,7 +197,7 @@ def mining_corpus(spec: str | None, root: Path | None, data: TrainingSet, data_s
     """The passages negatives are mined from: ``spec``, a retrieval folder (its corpus) or a corpus file; by
     default the corpus of each retrieval folder in ``data_specs`` and every text of ``data`` but its anchors."""
     def folder_corpus(folder_spec: str) -> list[str]:
-        return load_corpus(Path(split_spec(resolve_path(folder_spec, root))[0]))[1]
+        return load_corpus(Path(split_spec(resolve_retrieval_spec(folder_spec, root))[0]))[1]
 
     if spec:
         return folder_corpus(spec) if is_retrieval_spec(spec, root) else corpus_file(Path(resolve_path(spec, root)))

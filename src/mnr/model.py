@@ -32,6 +32,7 @@ from mnr import packing
 from mnr.device import resolve_device
 from mnr.errors import ModelError
 from mnr.fileio import atomic_directory, write_json
+from mnr.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ class SentenceEncoder(nn.Module):
             # No "sentence_transformers" version: we did not write this with it; its loader
             # only reads that key to warn about models from newer releases.
             write_json(tmp / "config_sentence_transformers.json", {
-                "__version__": {"mnr": _mnr_version(), "transformers": transformers.__version__,
+                "__version__": {"mnr": __version__, "transformers": transformers.__version__,
                                 "pytorch": torch.__version__},
                 "prompts": {},
                 "default_prompt_name": None,
@@ -376,12 +377,6 @@ def pad_ids(id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.T
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def _mnr_version() -> str:
-    from mnr import __version__
-
-    return __version__
 
 
 def resolve_model_path(name_or_path: str) -> Path:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnr.data import TrainingSet, format_of, not_utf8, open_text, read_records, split_spec
 from mnr.errors import DataError
+from mnr.fileio import HUB_PREFIX, format_of, not_utf8, open_text, read_records
 from mnr.model import SentenceEncoder
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,39 @@ log = logging.getLogger(__name__)
 METRICS = {"ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "map@100": "MAP@100", "recall@10": "Recall@10",
            "recall@100": "Recall@100"}
 TOP_K = 100  # passages ranked per query: the deepest cut of METRICS
+
+# ---------------------------------------------------------------- naming a set: DIR[:SPLIT][[START:STOP]]
+
+# DIR[:SPLIT][[START:STOP]], e.g. retrieval/scifact:train[:100]
+RETRIEVAL_SPEC = re.compile(r"^(?P<folder>.*?)(?::(?P<split>[A-Za-z0-9_-]+))?"
+                            r"(?:\[(?P<start>[^:\]]*):(?P<stop>[^\]]*)\])?$")
+
+
+def split_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``DIR[:SPLIT][[A:B]]`` -> (DIR, SPLIT or None, "A:B" or None)."""
+    match = RETRIEVAL_SPEC.match(spec)
+    assert match is not None  # every string matches: the folder takes what the rest does not
+    part = f"{match['start']}:{match['stop']}" if match["start"] is not None else None
+    return match["folder"], match["split"], part
+
+
+def is_retrieval_spec(spec: str, root: Path | None = None) -> bool:
+    """Whether ``spec`` names a retrieval folder (as given, or under the data directory ``root``)."""
+    name = split_spec(spec)[0]
+    if not name or spec.startswith(HUB_PREFIX):
+        return False
+    folder = Path(name).expanduser()
+    return folder.is_dir() or (root is not None and not folder.is_absolute() and (root / folder).is_dir())
+
+
+def resolve_retrieval_spec(spec: str, root: Path | None) -> str:
+    """``spec`` with its folder looked up under the data directory when it is not found as given."""
+    folder, split, part = split_spec(spec)
+    path = Path(folder).expanduser()
+    if not path.is_dir() and root is not None and not path.is_absolute() and (root / path).is_dir():
+        path = root / path
+    return f"{path}" + (f":{split}" if split else "") + (f"[{part}]" if part else "")
+
 
 @dataclass
 class RetrievalSet:
@@ -129,17 +163,6 @@ def load_corpus(folder: Path) -> tuple[list[str], list[str]]:
     if not ids:
         raise DataError(f"{files[0] if len(files) == 1 else files[0].parent}: empty corpus (no passages)")
     return ids, texts
-
-
-def training_set(spec: str, strict: bool = False) -> TrainingSet:
-    """(query, relevant passage) rows of every judged query of the split ``spec`` names (default: train);
-    judged passages missing from the corpus are skipped (with load_retrieval's warning), or refused if ``strict``."""
-    data = load_retrieval(spec, default_split="train", strict=strict)
-    index = dict(zip(data.passage_ids, data.passages, strict=True))
-    rows = [(data.queries[q], index[p]) for q, relevant in data.qrels.items() for p in relevant if p in index]
-    if not rows:
-        raise DataError(f"{spec}: no judged passage of its queries is in the corpus")
-    return TrainingSet(("anchor", "positive"), rows, {spec: len(rows)})
 
 
 # ---------------------------------------------------------------- search and metrics
@@ -226,7 +249,7 @@ class RetrievalEvaluator:
     """Retrieval quality on one split: rank the whole corpus for every judged query; NDCG@10 first.
 
     The corpus is embedded anew at every call (the model changed), unless the caller has its embeddings
-    by this very model (``passages``: mining's, before the first step); search runs where the encoder is.
+    by this very model (``reuse``: mining's, before the first step); search runs where the encoder is.
     ``ignore_identical_ids`` leaves a passage whose id is the query's own out of that query's ranking
     (MTEB's rule for sets whose queries are themselves passages: argument retrieval, duplicate questions).
     """
@@ -238,9 +261,19 @@ class RetrievalEvaluator:
         self.data = data
         self.name = name
         self.ignore_identical_ids = ignore_identical_ids
+        self.reused: torch.Tensor | None = None
+
+    def reuse(self, passages: torch.Tensor) -> None:
+        """The next call scores with these embeddings of the corpus (the evaluated model's own, e.g. mining's by
+        the base model) instead of encoding it again; later calls encode it."""
+        if passages.shape[0] != len(self.data.passages):
+            raise ValueError(f"passages: expected {len(self.data.passages)} embeddings of the corpus, got "
+                             f"{tuple(passages.shape)}")
+        self.reused = passages
 
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
-                 progress: bool = False, passages: torch.Tensor | None = None) -> dict[str, float]:
+                 progress: bool = False) -> dict[str, float]:
+        passages, self.reused = self.reused, None
         return mean_metrics(self.rankings(encoder, batch_size=batch_size, bf16=bf16, progress=progress,
                                           passages=passages), self.data.qrels)
 

@@ -9,7 +9,7 @@
 
 Rules, each checked before any work starts: one directory holds one run (a finished run or
 checkpoints are never overwritten without ``--resume``), and a run resumes only with the same
-model, data (compared by content) and the settings that change the weights (``RESULT_SETTINGS``).
+model, data (compared by content) and the settings that change the weights (``TrainConfig.weight_settings``).
 
 Checkpoints and models are written to a temporary directory that is renamed into place, so a
 directory with the final name is always complete; a temporary one left by a crash is ignored
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mnr.config import TrainConfig, tomllib
+from mnr.config import defaults as config_defaults
 from mnr.data import TrainingSet
 from mnr.errors import CheckpointError, ConfigError, ModelError
 from mnr.fileio import atomic_directory, atomic_file, write_json
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 
-# Settings that change the trained weights, so a checkpoint only resumes under the same values.
-# Each TrainConfig field says whether it does (its ``weights`` metadata); the data are compared by
-# content instead of by file name, so a moved file still resumes.
-RESULT_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["weights"] and f.name != "data")
 
 
 @dataclasses.dataclass
@@ -57,6 +54,11 @@ class Position:
     best_score: float | None = None  # the best dev metric so far (best/ holds that model)
     best_step: int | None = None  # the step it was reached at
 
+    def advance(self, epoch: int, index: int, batches: int, rows: int) -> None:
+        """One step done: batch ``index`` of the ``batches`` of ``epoch``, of ``rows`` rows."""
+        self.step, self.rows = self.step + 1, self.rows + rows
+        self.epoch, self.batch = (epoch + 1, 0) if index + 1 == batches else (epoch, index + 1)
+
 
 class RunDir:
     """One run's output directory."""
@@ -69,11 +71,11 @@ class RunDir:
     @classmethod
     def for_config(cls, config: TrainConfig) -> RunDir:
         """The run directory of ``config``, refusing to mix runs in it; touches nothing."""
-        if not config.output:
+        if not config.run.output:
             raise ConfigError("--output: no output directory given")
-        run = cls(config.output)
+        run = cls(config.run.output)
         output = run.path
-        if config.resume:
+        if config.run.resume:
             if not (output / "config.toml").exists():
                 raise ConfigError(f"--resume: no run to continue in {output}")
             if (output / "final").exists():
@@ -101,7 +103,7 @@ class RunDir:
                 log_file.write_text("".join(line + "\n" for line in kept))
         except OSError as e:
             raise ConfigError(f"--output: cannot write to {self.path}: {e.strerror or e}") from None
-        if config.tensorboard:
+        if config.eval.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.path / "tensorboard"), purge_step=step or None)
@@ -233,23 +235,25 @@ def fingerprint(data: TrainingSet, config: TrainConfig, processes: int) -> dict:
     for i, row in enumerate(data.rows):
         digest.update("\x1f".join(row).encode())
         digest.update(f"\x1e{data.labels[i] if data.labels is not None else ''}\x1d".encode())
-    settings = {key: getattr(config, key) for key in RESULT_SETTINGS}
-    settings["processes"] = processes
-    return {"model": config.model, "data": digest.hexdigest(), "rows": len(data), "sources": list(data.sources),
+    settings = config.weight_settings() | {"processes": processes}
+    return {"model": config.model.model, "data": digest.hexdigest(), "rows": len(data), "sources": list(data.sources),
             "settings": settings}
 
 
 def mismatches(saved: dict, current: dict) -> list[str]:
     """What differs between the run that wrote a checkpoint and this one (``fingerprint`` dicts)."""
+    defaults = config_defaults()
     problems = []
     if saved["model"] != current["model"]:
         problems.append(f"the checkpoint was trained from model {saved['model']!r}, not {current['model']!r}")
     if saved["data"] != current["data"]:
         problems.append(f"the training data differ from the checkpoint's (it saw {saved['rows']} rows "
                         f"from {', '.join(saved['sources'])})")
-    for key, value in saved["settings"].items():
-        if current["settings"].get(key) != value:
-            problems.append(f"--{key.replace('_', '-')} was {value!r}, now {current['settings'].get(key)!r}")
+    # a setting this run does not read (another loss's, mining's when off) cannot matter; one that is new since
+    # the checkpoint was written matters only if this run sets it
+    for key, value in current["settings"].items():
+        if saved["settings"].get(key, defaults.get(key)) != value:
+            problems.append(f"--{key.replace('_', '-')} was {saved['settings'].get(key)!r}, now {value!r}")
     return problems
 
 

@@ -1,0 +1,50 @@
+"""What every benchmark script shares: paths, the NLI files, the machine line, BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+NLI_FILES = ["nli/snli_dev.jsonl.gz", "nli/snli_test.jsonl.gz", "nli/mnli_dev_matched.jsonl.gz"]
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_DATA_DIR = os.environ.get("MNR_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    """The CPU (and whether it computes bf16 natively) and the versions, for every table's caption."""
+    import sentence_transformers
+    import torch
+    import transformers
+
+    from mnr.card import hardware
+    from mnr.device import native_bf16
+    from mnr.version import __version__
+
+    cpu = hardware(torch.device("cpu")).removesuffix(" (CPU)")
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    return (f"{cpu} ({bf16}); Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}, "
+            f"mnr {__version__}")
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace this script's section of BENCHMARKS.md (between its markers), or append it."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,414 @@
+"""The run's recipe, around the loop of ``mnr.train``: what it trains on and with, and what it leaves.
+
+``prepare`` loads and checks everything (data, mining, model, loss, dev sets, the layout) before anything is
+written; ``Run`` is the run while it trains: its directory (started, or restored from its last checkpoint), its
+evaluations and best/, its checkpoints and losses in the log, and at the end final/, the model cards, the
+curves and the summary. What goes to disk, and how a stopped run resumes, is ``mnr.rundir``'s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import random
+import shlex
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from mnr import distributed, rundir
+from mnr import layout as layouts
+from mnr import mine as mining
+from mnr.batching import process_batches
+from mnr.card import RunFacts, hardware, model_card, read_license
+from mnr.config import TrainConfig
+from mnr.data import TrainingSet, load_training_set, parse_column_map
+from mnr.device import choose_bf16, resolve_device
+from mnr.dropout import use_fast_dropout
+from mnr.errors import ConfigError, DataError, Stopped, TrainingError
+from mnr.evaluate import RETRIEVAL, Evaluator, evaluators
+from mnr.fileio import data_dir, write_rows
+from mnr.losses import LOSSES, Loss
+from mnr.model import SentenceEncoder
+from mnr.plot import plot_runs
+from mnr.retrieval import RetrievalEvaluator, split_spec
+from mnr.rundir import Position, RunDir
+from mnr.signals import StopNow, StopSignals
+
+log = logging.getLogger(__name__)
+
+MINED_FILE = "mined.jsonl"  # --mine-negatives: the rows trained on, in the run's directory
+
+
+@dataclass
+class TrainResult:
+    final: Path
+    best: Path | None
+    best_score: float | None  # the dev metric of best/
+    best_metric: str | None  # which one, e.g. "sts_dev spearman"
+    train_seconds: float  # the loop's forward/backward/step time, evaluation and saving excluded
+    steps: int
+    rows: int  # training examples seen (by this process)
+    summary: dict  # what the run tells its user at the end (also the last line of log.jsonl)
+
+
+@dataclass
+class Setup:
+    """Everything loaded and checked before the output directory is touched."""
+
+    data: TrainingSet
+    evaluators: list[Evaluator]  # dev sets; best/ keeps the model with the best primary metric of the first
+    encoder: SentenceEncoder  # the model being trained: evaluated and saved
+    objective: Loss  # the loss module (with parameters of its own for the softmax classifier)
+    train_encoder: torch.nn.Module  # what a step calls: the encoder, or its DistributedDataParallel wrapper
+    train_objective: torch.nn.Module  # the objective, or its wrapper when it has parameters
+    token_ids: dict[str, list[int]]  # every distinct text, tokenised once
+    device: torch.device
+    bf16: bool  # the encoder runs under bf16 autocast (config's bf16, or chosen for the device when unset)
+    total_steps: int  # every epoch's batches counted (epochs can differ by a batch or two)
+    rank: int
+    world_size: int
+    layout: layouts.Choice  # how the training forward is laid out, and why
+    mining: dict = field(default_factory=dict)  # --mine-negatives: what mining kept and left out (logged)
+
+
+def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
+            encoder: SentenceEncoder | None = None, progress: bool = True) -> Setup:
+    """Load and validate data, model, loss and dev sets. Any bad input fails here, before anything is written.
+
+    ``data`` and ``encoder`` replace the training set and model that ``config`` names (for Python
+    callers: rows built in code, a model changed after loading); the config still names them in
+    the run's records.
+    """
+    loss_class, training = LOSSES[config.training.loss], config.training
+    if config.eval.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'mnr[tensorboard]'")
+    root = data_dir(config.data.data_dir)
+    dev = dev_evaluators(config, root)
+    best_metric(config, dev)  # a metric the dev set does not have fails now
+    if data is None:
+        if not config.data.data:
+            raise ConfigError("--data: no training files given")
+        data = load_training_set(config.data.data, root=root, wants=loss_class.input,
+                                 hard_negatives=config.data.hard_negatives,
+                                 column_map=parse_column_map(config.data.columns),
+                                 strict_qrels=config.data.strict_qrels)
+    data = data.sample(config.data.max_examples, training.seed)
+    if config.mining and len(data.columns) != 2:
+        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(data.columns)}); "
+                          "mine for (anchor, positive) pairs")
+    corpus = mining.mining_corpus(config.mining.corpus, root, data, config.data.data) if config.mining else []
+    rank, world_size = distributed.world()
+    batches_of_epoch(data, config, 0, rank, world_size)  # fails early, before the model loads, if no full batch
+
+    device = resolve_device(training.device) if world_size == 1 else distributed.local_device()
+    bf16, why = choose_bf16(training.bf16, device)
+    torch.manual_seed(training.seed)  # the loss's own initialisation (the softmax classifier)
+    if encoder is None:
+        encoder = SentenceEncoder.load(config.model.model, pooling=config.model.pooling or None,
+                                       max_seq_length=config.model.max_seq_length, layout=config.model.layout,
+                                       device=device)
+    encoder.to(device)
+    mining_record = {}
+    if config.mining:
+        data, mining_record = mine_negatives(config, data, corpus, encoder, dev, bf16, progress)
+    total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
+    # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
+    # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
+    if getattr(encoder.transformer, "pooler", None) is not None:
+        encoder.transformer.pooler.requires_grad_(False)
+    use_fast_dropout(encoder.transformer)  # cheap dropout masks on CPU (torch's own elsewhere)
+    objective = loss_class.from_settings(config.loss, encoder.dim, world_size).to(device)
+    train_encoder, train_objective = encoder, objective
+    if world_size > 1:  # gradients averaged across processes; weights broadcast from rank 0
+        ids = [device.index] if device.type == "cuda" else None
+        train_encoder = DistributedDataParallel(encoder, device_ids=ids)
+        if any(p.requires_grad for p in objective.parameters()):
+            train_objective = DistributedDataParallel(objective, device_ids=ids)
+    # Re-tokenising every batch costs as much as a small model's forward on CPU: do it once.
+    texts = list(dict.fromkeys(t for row in data.rows for t in row))
+    ids, cut = encoder.tokenize_and_count(texts)
+    token_ids = dict(zip(texts, ids, strict=True))
+    layout = training_layout(config, encoder, data, token_ids, bf16, world_size)
+    if rank == 0:
+        log.info("device: %s; %s (%s)", device, "bf16 autocast" if bf16 else "fp32", why)
+        log.info("layout: %s", layout.describe())
+        log.info("training data: %s rows of %s from %s", f"{len(data):,}", ", ".join(data.columns),
+                 ", ".join(f"{name} ({rows:,})" for name, rows in data.sources.items()))
+        if cut:
+            log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
+                     f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
+    return Setup(data, dev, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
+                 total_steps, rank, world_size, layout, mining_record)
+
+
+def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: TrainingSet, token_ids: dict,
+                    bf16: bool, world_size: int) -> layouts.Choice:
+    """How the training forward is laid out (``mnr.layout``): as --layout says, or with auto on CUDA the fastest
+    forward and backward of the run's first batches that agrees with padded (one process: several processes
+    would have to agree, so they keep the device's default)."""
+    if encoder.layout != "auto":
+        return layouts.Choice(encoder.layout, f"as asked (--layout {config.model.layout})"
+                              if config.model.layout != "auto" else "the only layout this model has")
+    default = layouts.default(encoder.device, encoder.packable)
+    if not layouts.measures(encoder.device, encoder.packable) or world_size > 1:
+        why = ("with several processes: the device's default, unmeasured" if world_size > 1 else
+               "on a CPU: the fastest in bench/speed.py, and one fixed choice keeps runs bitwise reproducible")
+        choice = layouts.Choice(default, f"auto: {why}")
+        encoder.chosen["train"] = choice
+        return choice
+    texts = [[token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+             for batch in batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]]
+    chunk = config.training.mini_batch_size
+    if chunk:  # gradient caching runs the encoder on chunks: measure chunks, never a whole batch
+        texts = [ids[i : i + chunk] for ids in texts for i in range(0, len(ids), chunk)][: layouts.MEASURED_BATCHES]
+    return encoder.choose_layout("train", texts, bf16)
+
+
+def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder,
+                   dev: list[Evaluator], bf16: bool, progress: bool) -> tuple[TrainingSet, dict]:
+    """--mine-negatives: each (anchor, positive) row with the negatives the base model (or --mine-model) ranks best
+    in ``corpus``, and what mining kept and left out. Mining is deterministic on a device, so a resumed run mines
+    the same rows (its checkpoint checks that). The base model's embeddings of a retrieval dev set's corpus are
+    handed to its evaluator: the score before the first step need not encode them again."""
+    settings = config.mining
+    miner = SentenceEncoder.load(settings.model, layout=config.model.layout, device=encoder.device) \
+        if settings.model else encoder  # e.g. a first run's best/: a second round of mining, with its own settings
+    log.info("mining %d negatives for %s rows from %s passages with %s", settings.num_negatives, f"{len(data):,}",
+             f"{len(corpus):,}", settings.model or "the base model")
+    candidates = mining.rank(miner, [(a, p) for a, p in data.rows], corpus, settings.range_max, bf16=bf16,
+                             progress=progress)
+    mined = mining.select(candidates, settings)
+    if not mined.rows:
+        raise DataError(f"--mine-negatives: no row found {settings.num_negatives} negatives that pass the filters; "
+                        "lower --mine-negatives or --mine-relative-margin, or raise --mine-range-max")
+    log.info("mined: %s", mined.summary())
+    if miner is encoder:  # the step-0 evaluation scores the base model: it reuses the corpus mining embedded
+        for e in dev:
+            if isinstance(e, RetrievalEvaluator) and (known := candidates.embeddings_of(e.data.passages)) is not None:
+                e.reuse(known)
+    record = {"model": settings.model or config.model.model, "rows": len(data), "kept": len(mined.rows),
+              "left_out": mined.short, "candidates_removed": mined.skipped,
+              "positive_mean": round(mined.positive_mean, 4), "negative_mean": round(mined.negative_mean, 4)}
+    return TrainingSet(("anchor", "positive") + ("negative",) * settings.num_negatives, mined.rows,
+                       data.sources_of(mined.kept)), record
+
+
+def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
+    """The dev sets the config names, loaded (and checked) now; the one best/ is chosen by first."""
+    dev = evaluators(config.eval.dev_sets(), root, flags={"sts": "--sts-dev", RETRIEVAL: "--ir-dev"},
+                     default_split="dev", strict_qrels=config.data.strict_qrels,
+                     ignore_identical_ids=config.eval.ignore_identical_ids)
+    chosen = config.eval.best()[0]
+    return sorted(dev, key=lambda e: e.name != chosen) if chosen else dev
+
+
+def best_metric(config: TrainConfig, dev: list[Evaluator]) -> tuple[str, str] | None:
+    """(dev set, metric) that best/ is chosen by: --best-metric, else the first dev set's headline metric."""
+    if not dev:
+        return None
+    metric = config.eval.best()[1] or dev[0].primary
+    if metric not in dev[0].metrics:
+        raise ConfigError(f"--best-metric: {dev[0].name} has no metric {metric!r} "
+                          f"(it has: {', '.join(dev[0].metrics)})")
+    return dev[0].name, metric
+
+
+def batches_of_epoch(data: TrainingSet, config: TrainConfig, epoch: int, rank: int = 0,
+                     world_size: int = 1) -> list[list[int]]:
+    """This process's batches of one epoch (``mnr.batching.process_batches``)."""
+    return process_batches(data, config.training.batch_size, config.training.seed, epoch, rank=rank,
+                           world_size=world_size, duplicate_free=LOSSES[config.training.loss].in_batch_negatives)
+
+
+def count_steps(data: TrainingSet, config: TrainConfig, rank: int = 0, world_size: int = 1) -> int:
+    """Steps of the whole run: each epoch's batches counted, since duplicate-free batching can leave rows
+    with every batch left wait for one of their own, so one epoch can have a batch more than another."""
+    return sum(len(batches_of_epoch(data, config, epoch, rank, world_size)) for epoch in range(config.training.epochs))
+
+
+class Run:
+    """A run while it trains: everything prepared, its directory started (or restored from its latest checkpoint),
+    and what the loop asks of it at each event: log the losses, evaluate, write a checkpoint, stop, finish."""
+
+    def __init__(self, config: TrainConfig, optimizer: Callable[[Setup, TrainConfig], torch.optim.Optimizer], *,
+                 data: TrainingSet | None = None, encoder: SentenceEncoder | None = None, progress: bool = True):
+        self.dir = RunDir.for_config(config)  # refuses to mix runs in a directory; touches nothing
+        recorded = self.dir.recorded_setting("layout") if config.run.resume and config.model.layout == "auto" else None
+        if recorded in layouts.LAYOUTS:  # measured when the run began: the same layout keeps resume bitwise
+            config = config.replace(layout=recorded)
+        # Loading, mining and evaluating take minutes, and a checkpoint cannot keep half of them: a stop
+        # during them acts at once (one process only: several must stop together, at a step's end).
+        self.stop = StopSignals(at_once=distributed.world()[1] == 1)
+        try:
+            with StopSignals(at_once=self.stop.allowed) as stop, stop.at_once():
+                s = prepare(config, data=data, encoder=encoder, progress=progress)
+        except StopNow as e:
+            raise Stopped(f"stopped by {signal.Signals(e.signal).name} before the first step (while loading and "
+                          "mining); nothing was trained", e.signal) from None
+        self.config = config.replace(bf16=s.bf16, layout=s.layout.layout)  # what ran: config.toml, checkpoints, cards
+        self.setup, self.progress, self.main = s, progress, s.rank == 0
+        self.optimizer = optimizer(s, self.config)
+        self.fingerprint = rundir.fingerprint(s.data, self.config, s.world_size)
+        self.stateful = {"encoder": s.encoder, "loss": s.objective, "optimizer": self.optimizer}
+        self.position = self._restore_or_seed()
+        if self.main:
+            self.dir.start(self.config, self.position.step)
+            if self.config.mining:  # what was trained on, to read (or to train on again without mining)
+                write_rows(self.dir.path / MINED_FILE, mining.columns(self.config.mining.num_negatives), s.data.rows)
+                if self.position.step == 0:
+                    self.dir.record({"step": 0, "mining": s.mining})
+        self.best = best_metric(self.config, s.evaluators)
+        self.facts = RunFacts(self.config, s.data, type(s.objective).__name__, s.encoder.pooling, s.encoder.dim,
+                              s.encoder.max_seq_length, s.encoder.normalize, s.world_size, s.total_steps,
+                              data_dir(self.config.data.data_dir), read_license(s.encoder.source),
+                              evaluations=rundir.evaluations(self.dir.read_log()) if self.main else [],
+                              best=self.best, hardware=hardware(s.device), layout=s.layout.describe())
+        self.recent: list[float] = []  # the last losses, for the progress bar
+        self.bar = tqdm(total=s.total_steps, initial=self.position.step, desc="train", unit="step",
+                        disable=not (progress and self.main), dynamic_ncols=True)
+
+    def _restore_or_seed(self) -> Position:
+        if self.config.run.resume and self.dir.latest_checkpoint() is not None:
+            return self.dir.restore(self.fingerprint, self.stateful, self.setup.rank)
+        if self.config.run.resume and self.main:
+            log.warning("--resume: %s has no complete checkpoint yet; starting from the beginning", self.dir.path)
+        seed = self.config.training.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed + self.setup.rank)  # dropout: each process draws its own masks
+        return Position()
+
+    def log_losses(self, losses: list[tuple[int, int, torch.Tensor, float]]) -> None:
+        """Log (step, epoch, loss, lr) of the steps since the last read; stop at the first loss that is not finite
+        (before anything is evaluated or saved: a bad step is never kept)."""
+        values = torch.stack([loss for _, _, loss, _ in losses]).tolist()
+        for (step, epoch, _, lr), value in zip(losses, values, strict=True):
+            if not math.isfinite(value):
+                last = self.dir.latest_checkpoint(quiet=True)
+                raise TrainingError(f"step {step}: the loss is not finite; lower --lr or check the data. "
+                                    f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}")
+            if self.main:
+                self.dir.record({"step": step, "epoch": epoch, "loss": value, "lr": lr})
+        self.recent = (self.recent + values)[-50:]
+        self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}",
+                             rows_per_s=f"{self.position.rows / self.position.train_seconds:.1f}", refresh=False)
+
+    def stop_asked(self) -> bool:
+        """Whether any process was asked to stop (all stop at the same step)."""
+        return distributed.any_process(self.stop.signal is not None, self.setup.device)
+
+    def evaluated(self, step: int) -> bool:
+        return any(e["step"] == step for e in self.facts.evaluations)
+
+    def evaluate(self, step: int) -> int | None:
+        """Score every dev set, log it, keep best/; return the stop signal that cut the scoring short (it can
+        take minutes, so a stop acts at once: nothing of it is logged), else None."""
+        s = self.setup
+        if not s.evaluators or not self.main:
+            return None
+        if step == 0:
+            tqdm.write(f"evaluating the base model on {', '.join(e.name for e in s.evaluators)} before training")
+        try:
+            with self.stop.at_once():
+                results = {e.name: e(s.encoder, bf16=s.bf16, progress=self.progress) for e in s.evaluators}
+        except StopNow as e:
+            return e.signal
+        self.dir.record({"step": step, **results})
+        self.facts.evaluations.append({"step": step, **results})
+        tqdm.write(f"step {step}: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+                                                for name, scores in results.items()))
+        score = results[self.best[0]][self.best[1]]
+        if self.position.best_score is None or score > self.position.best_score:
+            self.position.best_score, self.position.best_step = score, step
+            self.save_model("best", step)
+        return None
+
+    def evaluate_due(self) -> None:
+        """Before the loop: the base model's score before training; on resume, an evaluation a stop cut short."""
+        step, eval_steps = self.position.step, self.config.eval.eval_steps
+        if step:  # mining's embeddings of a dev corpus are the base model's: a resumed model embeds it anew
+            self._forget_reused()
+        due = step == 0 or step % eval_steps == 0 or step == self.setup.total_steps
+        if due and not self.evaluated(step) and (number := self.evaluate(step)) is not None:
+            raise self.stopped(number, f"while evaluating step {step}", self.dir.latest_checkpoint(quiet=True))
+        self._forget_reused()  # only the base model's: free them
+
+    def _forget_reused(self) -> None:
+        for e in self.setup.evaluators:
+            if isinstance(e, RetrievalEvaluator):
+                e.reused = None
+
+    def evaluate_last(self) -> None:
+        self.bar.close()
+        total = self.setup.total_steps
+        if not self.evaluated(total) and (number := self.evaluate(total)) is not None:
+            raise self.stopped(number, f"while evaluating the last step ({total})", self.save_checkpoint())
+
+    def save_model(self, name: str, step: int) -> None:
+        self.facts.step, self.facts.train_seconds = step, self.position.train_seconds
+        self.facts.rows = self.position.rows
+        self.dir.save_model(self.setup.encoder, name, {"mnr_config.toml": self.config.to_toml(),
+                                                       "README.md": model_card(self.facts, self.dir.path / name, name)})
+
+    def save_checkpoint(self) -> Path | None:
+        rngs = distributed.gather_objects(rundir.rng_states())
+        if not self.main:
+            return None
+        payload = rundir.checkpoint_payload(self.position, self.fingerprint, self.stateful, rngs)
+        return self.dir.save_checkpoint(payload, keep=self.config.run.keep_checkpoints)
+
+    def stopped(self, number: int, where: str, path: Path | None) -> Stopped:
+        self.bar.close()
+        saved = f"checkpoint {path} saved" if path else "no checkpoint yet"
+        return Stopped(f"stopped by {signal.Signals(number).name} {where}; {saved}", number)
+
+    def finish(self) -> TrainResult:
+        """After the last step: a last checkpoint, final/, best/'s card with every evaluation, the summary, the
+        curves."""
+        config, position, total = self.config, self.position, self.setup.total_steps
+        if config.run.save_every:
+            self.save_checkpoint()
+        summary = {}
+        if self.main:
+            self.save_model("final", total)
+            if position.best_step is not None:  # its card, now with every evaluation of the run
+                self.facts.step = position.best_step
+                self.dir.write_text("best/README.md", model_card(self.facts, self.dir.path / "best", "best"))
+            summary = run_summary(self.dir, config, position, self.best, self.facts)
+            self.dir.record({"step": total, "done": True, "train_seconds": position.train_seconds,
+                             "rows": position.rows, "summary": summary})
+            plot_runs([self.dir.path], self.dir.path / "curves.png")
+            self.dir.close()
+        best = self.dir.path / "best" if position.best_score is not None else None
+        return TrainResult(self.dir.path / "final", best, position.best_score,
+                           " ".join(self.best) if self.best else None, position.train_seconds, total, position.rows,
+                           summary)
+
+
+def run_summary(run: RunDir, config: TrainConfig, position: Position, best: tuple[str, str] | None,
+                facts: RunFacts) -> dict:
+    """Where the models are, how good the best is against the base model, how long it took, what to run next."""
+    summary = {"final": str(run.path / "final"), "curves": str(run.path / "curves.png"), "layout": facts.layout,
+               "train_seconds": round(position.train_seconds, 1), "rows": position.rows,
+               "rows_per_s": round(position.rows / max(position.train_seconds, 1e-9), 1)}
+    if best is not None and position.best_step is not None:
+        base = facts.evaluations[0] if facts.evaluations and facts.evaluations[0]["step"] == 0 else None
+        summary |= {"best": str(run.path / "best"), "best_metric": " ".join(best),
+                    "best_score": round(position.best_score, 2), "best_step": position.best_step,
+                    "base_score": round(base[best[0]][best[1]], 2) if base else None}
+    models = [config.model.model, summary["final"]] + ([summary["best"]] if "best" in summary else [])
+    # the dev sets' own files, for a table of every model on them (retrieval: the folders' test split)
+    sts_dev, ir_dev = config.eval.sts_dev, config.eval.ir_dev
+    sets = (["--sts", *sts_dev] if sts_dev else []) + \
+        (["--retrieval", *dict.fromkeys(split_spec(spec)[0] for spec in ir_dev)] if ir_dev else [])
+    data = ["--data-dir", str(facts.data_dir)] if sets and facts.data_dir else []
+    summary["next"] = shlex.join(["mnr", "eval", *models, *(sets or ["--sts", "YOUR_STS_FILE"]), *data])
+    return summary
