@@ -22,17 +22,18 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> str:
-    """The CPU (and whether it computes bf16 natively) and the versions, for every table's caption."""
+    """The CPU (its bf16 instructions and how fast bf16 runs there) and the versions, for every table's caption."""
     import sentence_transformers
     import torch
     import transformers
 
     from mnr.card import hardware
-    from mnr.device import native_bf16
+    from mnr.device import cpu_bf16_instructions, cpu_bf16_speedup
     from mnr.version import __version__
 
     cpu = hardware(torch.device("cpu")).removesuffix(" (CPU)")
-    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    bf16 = (f"bf16 instructions, bf16 products {cpu_bf16_speedup():.2f}x fp32's speed" if cpu_bf16_instructions()
+            else "no bf16 instructions")
     return (f"{cpu} ({bf16}); Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}, "
             f"mnr {__version__}")

@@ -157,8 +157,8 @@ def _positive_int(text: str) -> int:
 def _add_encoding_flags(parser: argparse.ArgumentParser, bf16_effect: str) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    parser.add_argument("--bf16", action="store_true", help=f"encode under bf16 autocast (faster where the device "
-                        f"computes bf16 natively; {bf16_effect})")
+    parser.add_argument("--bf16", action="store_true", help=f"encode under bf16 autocast (faster on GPUs and on "
+                        f"CPUs with AMX, slower on other CPUs; {bf16_effect})")
 
 
 def _add_strict_qrels_flag(parser: argparse.ArgumentParser, default_effect: str) -> None:

@@ -93,10 +93,11 @@ class TrainingSettings:
     weight_decay: float = setting(0.01, "AdamW weight decay (not applied to biases and LayerNorm)", weights=True)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", weights=True)
     seed: int = setting(0, "seed for shuffling, dropout and initialisation", weights=True)
-    bf16: bool | None = setting(None, "bf16 autocast for the encoder (fp32 weights and loss); default: on where the "
-                                      "device computes bf16 natively (GPUs from compute capability 8.0, CPUs with "
-                                      "AVX-512 BF16 or AMX), fp32 elsewhere; the choice is printed and saved in "
-                                      "config.toml", weights=True)
+    bf16: bool | None = setting(None, "bf16 autocast for the encoder (fp32 weights and loss); default: on where bf16 "
+                                      "is faster (GPUs from compute capability 8.0; CPUs with bf16 instructions "
+                                      "whose bf16 matrix products measure at least 1.2x fp32's, e.g. with AMX), "
+                                      "fp32 elsewhere; the choice is printed and saved in config.toml",
+                                weights=True)
     device: str = setting("auto", "auto (cuda if available), cpu, cuda or cuda:N", weights=False)
 
     def __post_init__(self):

@@ -1,10 +1,12 @@
-"""Where a model runs and in which precision: the GPU when there is one, bf16 where it is native.
+"""Where a model runs and in which precision: the GPU when there is one, bf16 where it is faster.
 
 bf16 autocast halves the cost of the encoder's matrix products on hardware that computes bf16
-natively (NVIDIA GPUs of compute capability 8.0 and later; CPUs with AVX-512 BF16 or AMX), and
-costs several times fp32 where it must be emulated (measured: a MiniLM training step 4x slower
-on an Intel Xeon with AVX-512 but without AVX-512 BF16). So "auto" turns it on only where it is
-native.
+fast (NVIDIA GPUs of compute capability 8.0 and later; CPUs with AMX), and costs more than fp32
+elsewhere: several times where it must be emulated (a MiniLM training step 4x slower on an Intel Xeon
+without AVX-512 BF16), and even with the AVX-512 BF16 instructions but no AMX a bf16 matrix product ran
+at half fp32's speed (an Intel Xeon VM: 165 against 310 GFLOP/s; MiniLM trained 1.5x and encoded 1.7x
+slower in bf16). So on a CPU with bf16 instructions "auto" measures: a bf16 matrix product against an
+fp32 one, once per process (``cpu_bf16_speedup``), and turns bf16 on only where it is clearly faster.
 
 ``MNR_CPU_BF16=1`` (or ``0``) makes the CPU check answer yes (or no) whatever the CPU: the test suite
 then runs on any machine as it runs on one with (or without) native bf16 (emulated where the CPU lacks
@@ -13,7 +15,9 @@ it, so slower). --bf16 / --no-bf16 still win over it.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import torch
 
@@ -46,7 +50,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (so bf16 autocast is faster there, not slower)."""
+    """Whether bf16 autocast is faster than fp32 on ``device``: a GPU that computes bf16 natively, or a CPU
+    with bf16 instructions whose bf16 matrix products measured clearly faster than fp32's."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
@@ -55,10 +60,37 @@ def native_bf16(device: torch.device) -> bool:
             if forced not in ("0", "1"):
                 raise ConfigError(f"MNR_CPU_BF16 must be 0 or 1 (or unset), got {forced!r}")
             return forced == "1"
-        cpu = torch.cpu
-        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
+        return cpu_bf16_instructions() and cpu_bf16_speedup() >= BF16_SPEEDUP
     return False
+
+
+BF16_SPEEDUP = 1.2  # bf16 must be this much faster than fp32 to be chosen (AMX: several times; a margin for noise)
+
+
+def cpu_bf16_instructions() -> bool:
+    """AVX-512 BF16 or AMX: without either, bf16 is emulated."""
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                    "_is_amx_tile_supported"))
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster a bf16 matrix product of a small encoder's shape (1024 tokens x 384 -> 1536) runs
+    than an fp32 one on this CPU, best of 5 each (about 0.1 s, once per process)."""
+    a, b = torch.randn(1024, 384), torch.randn(384, 1536)
+
+    def best(dtype: torch.dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # warm-up: the kernel is chosen and its buffers made
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
 
 
 def choose_bf16(setting: bool | None, device: torch.device) -> tuple[bool, str]:
@@ -69,6 +101,11 @@ def choose_bf16(setting: bool | None, device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu" and os.environ.get("MNR_CPU_BF16"):
         on = native_bf16(device)
         return on, f"auto: MNR_CPU_BF16={int(on)} says this CPU {'computes' if on else 'lacks'} bf16 natively"
+    if device.type == "cpu" and cpu_bf16_instructions():
+        speedup = cpu_bf16_speedup()
+        on = speedup >= BF16_SPEEDUP
+        return on, (f"auto: this CPU's bf16 matrix products measured {speedup:.2f}x as fast as fp32's"
+                    + ("" if on else f", not the {BF16_SPEEDUP}x that pays for bf16's rounding"))
     if native_bf16(device):
         return True, f"auto: this {device.type.upper()} computes bf16 natively"
     what = "GPU (compute capability < 8.0)" if device.type == "cuda" else "CPU (no AVX-512 BF16 or AMX)"

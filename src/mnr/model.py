@@ -219,7 +219,8 @@ class SentenceEncoder(nn.Module):
         work), then put back in the caller's order. A batch is ``batch_size`` texts, fewer where
         they would pass ``max_tokens`` tokens (default: CPU_BATCH_TOKENS on a CPU, no limit on a
         GPU; 0: no limit). ``bf16``: run the encoder under bf16 autocast
-        (pooling stays fp32), about twice as fast on CPUs with AVX-512 BF16 and on GPUs; embeddings
+        (pooling stays fp32), about twice as fast on GPUs and on CPUs with AMX (slower on CPUs without:
+        ``mnr.device``); embeddings
         differ from fp32 by about 1e-4 in cosine. ``show_progress``: a progress bar (named by it, when
         it is a string) that goes when the work is done.
         """

@@ -87,23 +87,13 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     callers: rows built in code, a model changed after loading); the config still names them in
     the run's records.
     """
-    loss_class, training = LOSSES[config.training.loss], config.training
+    training = config.training
     if config.eval.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'mnr[tensorboard]'")
     root = data_dir(config.data.data_dir)
     dev = dev_evaluators(config, root)
     best_metric(config, dev)  # a metric the dev set does not have fails now
-    if data is None:
-        if not config.data.data:
-            raise ConfigError("--data: no training files given")
-        data = load_training_set(config.data.data, root=root, wants=loss_class.input,
-                                 hard_negatives=config.data.hard_negatives,
-                                 column_map=parse_column_map(config.data.columns),
-                                 strict_qrels=config.data.strict_qrels)
-    data = data.sample(config.data.max_examples, training.seed)
-    if config.mining and len(data.columns) != 2:
-        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(data.columns)}); "
-                          "mine for (anchor, positive) pairs")
+    data = training_data(config, root, data)
     corpus = mining.mining_corpus(config.mining.corpus, root, data, config.data.data) if config.mining else []
     rank, world_size = distributed.world()
     batches_of_epoch(data, config, 0, rank, world_size)  # fails early, before the model loads, if no full batch
@@ -120,18 +110,8 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     if config.mining:
         data, mining_record = mine_negatives(config, data, corpus, encoder, dev, bf16, progress)
     total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
-    # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
-    # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
-    if getattr(encoder.transformer, "pooler", None) is not None:
-        encoder.transformer.pooler.requires_grad_(False)
-    use_fast_dropout(encoder.transformer)  # cheap dropout masks on CPU (torch's own elsewhere)
-    objective = loss_class.from_settings(config.loss, encoder.dim, world_size).to(device)
-    train_encoder, train_objective = encoder, objective
-    if world_size > 1:  # gradients averaged across processes; weights broadcast from rank 0
-        ids = [device.index] if device.type == "cuda" else None
-        train_encoder = DistributedDataParallel(encoder, device_ids=ids)
-        if any(p.requires_grad for p in objective.parameters()):
-            train_objective = DistributedDataParallel(objective, device_ids=ids)
+    objective = LOSSES[training.loss].from_settings(config.loss, encoder.dim, world_size).to(device)
+    train_encoder, train_objective = trainable(encoder, objective, world_size)
     # Re-tokenising every batch costs as much as a small model's forward on CPU: do it once.
     texts = list(dict.fromkeys(t for row in data.rows for t in row))
     ids, cut = encoder.tokenize_and_count(texts)
@@ -147,6 +127,39 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, dev, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
                  total_steps, rank, world_size, layout, mining_record)
+
+
+def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | None) -> TrainingSet:
+    """The rows the config names (or ``data``), sampled as it says, in the form its loss trains on."""
+    if data is None:
+        if not config.data.data:
+            raise ConfigError("--data: no training files given")
+        data = load_training_set(config.data.data, root=root, wants=LOSSES[config.training.loss].input,
+                                 hard_negatives=config.data.hard_negatives,
+                                 column_map=parse_column_map(config.data.columns),
+                                 strict_qrels=config.data.strict_qrels)
+    data = data.sample(config.data.max_examples, config.training.seed)
+    if config.mining and len(data.columns) != 2:
+        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(data.columns)}); "
+                          "mine for (anchor, positive) pairs")
+    return data
+
+
+def trainable(encoder: SentenceEncoder, objective: Loss, world_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The encoder and objective as a step calls them: made ready to train, and wrapped in
+    DistributedDataParallel with several processes (gradients averaged; weights broadcast from rank 0)."""
+    # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
+    # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
+    if getattr(encoder.transformer, "pooler", None) is not None:
+        encoder.transformer.pooler.requires_grad_(False)
+    use_fast_dropout(encoder.transformer)  # cheap dropout masks on CPU (torch's own elsewhere)
+    if world_size == 1:
+        return encoder, objective
+    device = encoder.device
+    ids = [device.index] if device.type == "cuda" else None
+    wrapped = DistributedDataParallel(objective, device_ids=ids) if any(
+        p.requires_grad for p in objective.parameters()) else objective
+    return DistributedDataParallel(encoder, device_ids=ids), wrapped
 
 
 def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: TrainingSet, token_ids: dict,
@@ -234,6 +247,15 @@ def count_steps(data: TrainingSet, config: TrainConfig, rank: int = 0, world_siz
     return sum(len(batches_of_epoch(data, config, epoch, rank, world_size)) for epoch in range(config.training.epochs))
 
 
+def decided_when_it_began(config: TrainConfig, run: RunDir) -> TrainConfig:
+    """A resumed run's layout and precision, where auto measured them when the run began (config.toml has what
+    was chosen): measured again they could come out otherwise, and the run would not go on bitwise."""
+    layout = run.recorded_setting("layout") if config.model.layout == "auto" else None
+    bf16 = run.recorded_setting("bf16") if config.training.bf16 is None else None
+    return config.replace(**({"layout": layout} if layout in layouts.LAYOUTS else {}),
+                          **({"bf16": bf16} if isinstance(bf16, bool) else {}))
+
+
 class Run:
     """A run while it trains: everything prepared, its directory started (or restored from its latest checkpoint),
     and what the loop asks of it at each event: log the losses, evaluate, write a checkpoint, stop, finish."""
@@ -241,9 +263,8 @@ class Run:
     def __init__(self, config: TrainConfig, optimizer: Callable[[Setup, TrainConfig], torch.optim.Optimizer], *,
                  data: TrainingSet | None = None, encoder: SentenceEncoder | None = None, progress: bool = True):
         self.dir = RunDir.for_config(config)  # refuses to mix runs in a directory; touches nothing
-        recorded = self.dir.recorded_setting("layout") if config.run.resume and config.model.layout == "auto" else None
-        if recorded in layouts.LAYOUTS:  # measured when the run began: the same layout keeps resume bitwise
-            config = config.replace(layout=recorded)
+        if config.run.resume:
+            config = decided_when_it_began(config, self.dir)
         # Loading, mining and evaluating take minutes, and a checkpoint cannot keep half of them: a stop
         # during them acts at once (one process only: several must stop together, at a step's end).
         self.stop = StopSignals(at_once=distributed.world()[1] == 1)
