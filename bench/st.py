@@ -14,9 +14,10 @@ from mnr.model import resolve_model_path
 
 
 def train_st(config: TrainConfig, data: TrainingSet, workdir: Path, *, device: str = "cpu", bf16: bool = False,
-             evaluator=None, eval_steps: int | None = None, logging_steps: int = 10):
+             evaluator=None, eval_steps: int | None = None, logging_steps: int = 10, wrap=None):
     """Train ``config``'s model on ``data``; returns the model and what the run measured: rows, steps,
-    ``seconds`` (the training loop, evaluation excluded), ``eval_seconds`` and the trainer's log history."""
+    ``seconds`` (the training loop, evaluation excluded), ``eval_seconds`` and the trainer's log history.
+    ``wrap(model, loss)``: a loss around the loss (e.g. sentence-transformers' MatryoshkaLoss)."""
     import datasets
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
@@ -52,6 +53,8 @@ def train_st(config: TrainConfig, data: TrainingSet, workdir: Path, *, device: s
         dataset = datasets.Dataset.from_dict({name: [r[i] for r in data.rows] for i, name in enumerate(names)})
         loss = losses.MultipleNegativesRankingLoss(model, scale=config.loss.scale)
         sampler = BatchSamplers.NO_DUPLICATES
+    if wrap is not None:
+        loss = wrap(model, loss)
     evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps} if evaluator is not None and eval_steps else {}
     args = Arguments(output_dir=str(workdir / "st"), num_train_epochs=training.epochs,
                      per_device_train_batch_size=training.batch_size, learning_rate=training.lr,

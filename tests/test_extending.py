@@ -101,13 +101,15 @@ def test_a_loss_with_a_list_of_integers_setting_plugs_in_from_one_file(prefix_lo
                                                                       capsys):
     """The loss's file alone gives it a flag, a TOML key, a check and a place in the run's records: config.py and
     train.py know nothing of it."""
+    import re
     from pathlib import Path
 
     from mnr.config import TrainConfig
     from mnr.errors import ConfigError
 
     source = Path(__file__).resolve().parent.parent / "src" / "mnr"
-    assert "dims" not in (source / "config.py").read_text() + (source / "train.py").read_text()
+    core = (source / "config.py").read_text() + (source / "train.py").read_text()
+    assert "prefix" not in core.lower() and not re.search(r"(?<![\w-])dims\b", core)  # the loss nor its setting
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": SENTENCES[i], "positive": SENTENCES[i + 12]}
                                                    for i in range(12)])
     common = ["train", "--model", str(no_dropout_model), "--data", str(pairs), "--batch-size", "4",

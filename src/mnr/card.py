@@ -96,6 +96,7 @@ def model_card(facts: RunFacts, path: Path, which: str) -> str:
         "print(embeddings @ embeddings.T)  # cosine similarities",
         "```",
         "",
+        *_smaller_embeddings(facts, path),
         *_evaluation(facts, which),
         "## Training",
         "",
@@ -184,6 +185,21 @@ def _summary(facts: RunFacts, which: str) -> str:
             f"cosine similarity of two vectors says how close the texts are in meaning. {what}")
 
 
+def _smaller_embeddings(facts: RunFacts, path: Path) -> list[str]:
+    """With --matryoshka-dims: how to use the embedding's first values alone."""
+    dims = facts.config.matryoshka.matryoshka_dims
+    if not dims:
+        return []
+    small = min(dims)
+    return ["### Smaller embeddings", "",
+            f"Trained with Matryoshka representation learning at {', '.join(map(str, dims))} dimensions: the first "
+            f"d values of an embedding are an embedding of their own (an index of {small} dimensions costs "
+            f"{small / facts.dim:.0%} of one of {facts.dim}; the evaluation below gives each size's score).", "",
+            "```python", f"model = SentenceTransformer({str(path)!r}, truncate_dim={small})",
+            f"encoder.encode(texts, normalize=True, dim={small})  # mnr; `mnr encode --dim {small}` likewise",
+            "```", ""]
+
+
 def _evaluation(facts: RunFacts, which: str) -> list[str]:
     if not facts.evaluations:
         return []
@@ -220,7 +236,7 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
 def _training_rows(facts: RunFacts) -> list[str]:
     config, data = facts.config, facts.data
     sources = "; ".join(f"`{name}` ({rows:,} rows)" for name, rows in data.sources.items())
-    mining, training = config.mining, config.training
+    mining, training, matryoshka = config.mining, config.training, config.matryoshka
     loss_settings = ", ".join(f"{name} {_word(value)}" for name, value in settings.items(config.loss))
     rows = [
         f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)})" +
@@ -231,6 +247,10 @@ def _training_rows(facts: RunFacts) -> list[str]:
            f"{mining.range_max}, the anchor's positives excluded" + _mining_filters(mining)
            + "; rows that found fewer left out |"] if mining else []),
         f"| loss | {facts.loss}" + (f" ({loss_settings})" if loss_settings else "") + " |",
+        *([f"| Matryoshka | the loss also on the first {', '.join(map(str, matryoshka.matryoshka_dims))} values of "
+           "each embedding" + (f", weights {', '.join(f'{w:g}' for w in matryoshka.matryoshka_weights)}"
+                               if matryoshka.matryoshka_weights else "") + " |"]
+          if matryoshka.matryoshka_dims else []),
         f"| batch | {training.batch_size} rows per step" + (f" and process ({training.batch_size * facts.processes} "
                                                               "in all)" if facts.processes > 1 else "") +
         (f", embedded {training.mini_batch_size} texts at a time (gradient caching)" if training.mini_batch_size

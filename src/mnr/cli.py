@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                              "id is the query's own out of that query's ranking (MTEB's rule where queries are "
                              "themselves passages: argument retrieval, duplicate questions)")
     _add_strict_qrels_flag(eval_parser, "evaluation counts it as relevant and never retrieved, as BEIR and MTEB do")
+    eval_parser.add_argument("--dims", nargs="+", type=_positive_int, default=[], metavar="DIM",
+                             help="also score the embeddings' first DIM values (renormalised), a column each: what a "
+                             "Matryoshka-trained model keeps at a smaller size (NDCG@10, Spearman)")
     eval_parser.add_argument("--json", metavar="FILE.json", help="also write every figure (each set's metrics, "
                              "the retrieval mean, each set's counts) to this JSON file")
     _add_encoding_flags(eval_parser, "scores move by about 0.01")
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                "'_id' or 'id')")
     encode_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     encode_parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    _add_dim_flag(encode_parser)
     _add_encoding_flags(encode_parser, "cosines move by about 1e-4")
 
     mine_parser = commands.add_parser(
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_flags(mine_parser, MiningSettings, skip=("model",))  # the settings mnr train reads as --mine-...
     _add_strict_qrels_flag(mine_parser, "its judgement is skipped")
+    _add_dim_flag(mine_parser)
     mine_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_encoding_flags(mine_parser, "scores move by about 1e-4")
 
@@ -159,6 +164,37 @@ def _add_encoding_flags(parser: argparse.ArgumentParser, bf16_effect: str) -> No
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help=f"encode under bf16 autocast (faster on GPUs and on "
                         f"CPUs with AMX, slower on other CPUs; {bf16_effect})")
+
+
+def _add_dim_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dim", type=_positive_int, metavar="N", help="the first N values of each embedding "
+                        "(renormalised where embeddings are compared): a Matryoshka-trained model's smaller embedding")
+
+
+def _checked_dim(encoder, dim: int | None) -> int | None:
+    """--dim against the model: above its dimension is an error; on a model not trained with --matryoshka-dims
+    it works (the first values of any embedding do), with a warning that it works less well."""
+    from mnr.errors import ConfigError
+
+    if dim is None:
+        return None
+    if dim > encoder.dim:
+        raise ConfigError(f"--dim {dim}: the model's embeddings have {encoder.dim} values")
+    if dim not in _matryoshka_dims(encoder):
+        print(f"warning: --dim {dim}: this model was not trained at {dim} dimensions (--matryoshka-dims); its first "
+              f"{dim} values work, but less well than a Matryoshka-trained model's", file=sys.stderr)
+    return dim
+
+
+def _matryoshka_dims(encoder) -> list[int]:
+    """The --matryoshka-dims a model was trained with, as the mnr_config.toml beside it says ([] if none)."""
+    from mnr.config import tomllib
+
+    path = encoder.source / "mnr_config.toml" if encoder.source else None
+    if path is None or not path.exists():
+        return []
+    with open(path, "rb") as f:
+        return list(tomllib.load(f).get("matryoshka_dims", []))
 
 
 def _add_strict_qrels_flag(parser: argparse.ArgumentParser, default_effect: str) -> None:
@@ -225,7 +261,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mnr.evaluate import RETRIEVAL, STS, STS_COLUMNS_HINT, comparison_table, evaluators
     from mnr.fileio import atomic_file, check_new_file, data_dir, short_name, write_json
     from mnr.model import SentenceEncoder
-    from mnr.retrieval import mean_of_sets, retrieval_table, split_spec
+    from mnr.retrieval import METRICS, at_dim, mean_of_sets, retrieval_table, split_spec
 
     device = resolve_device(args.device)
     root = data_dir(args.data_dir)
@@ -245,7 +281,7 @@ def _eval(args: argparse.Namespace) -> int:
         sets[f"{Path(folder).name}:{split or args.split}" + (f"[{part}]" if part else "")] = (RETRIEVAL, spec)
     loaded = evaluators(sets, root, flags={STS: "--sts", RETRIEVAL: "--retrieval"}, default_split=args.split,
                         strict_qrels=args.strict_qrels, ignore_identical_ids=args.ignore_identical_ids,
-                        column_map=parse_column_map(args.columns), hint=STS_COLUMNS_HINT)
+                        column_map=parse_column_map(args.columns), hint=STS_COLUMNS_HINT, dims=args.dims)
     counts = {}
     for e in loaded:
         if sets[e.name][0] != RETRIEVAL:
@@ -260,6 +296,9 @@ def _eval(args: argparse.Namespace) -> int:
                           "missing_judgements": data.missing, "ignore_identical_ids": args.ignore_identical_ids}
     # every model loads (on the CPU) before any is scored: a typo in the last one fails now, not after minutes
     encoders = {model: SentenceEncoder.load(model, device="cpu") for model in args.models}
+    for encoder in encoders.values():
+        for dim in args.dims:
+            _checked_dim(encoder, dim)
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {STS: {}, RETRIEVAL: {}}
     for model, encoder in encoders.items():
         encoder.to(device)
@@ -268,8 +307,12 @@ def _eval(args: argparse.Namespace) -> int:
             results[sets[e.name][0]].setdefault(model, {})[e.name] = scores
         encoder.to("cpu")
     sts_results, retrieval_results = results[STS], results[RETRIEVAL]
-    tables = [comparison_table(sts_results)] if sts_results else []
-    tables += [retrieval_table(retrieval_results)] if retrieval_results else []
+    at = {d: f" @{d}d" for d in args.dims}
+    sts_columns = {"spearman": "Spearman", "pearson": "Pearson", **{at_dim("spearman", d): f"Spearman{at[d]}"
+                                                                     for d in args.dims}}
+    retrieval_columns = {**METRICS, **{at_dim("ndcg@10", d): f"NDCG@10{at[d]}" for d in args.dims}}
+    tables = [comparison_table(sts_results, sts_columns)] if sts_results else []
+    tables += [retrieval_table(retrieval_results, retrieval_columns)] if retrieval_results else []
     print("\n\n".join(tables))
     if args.json:
         figures = {"models": args.models, "sts": sts_results,
@@ -290,14 +333,16 @@ def _encode(args: argparse.Namespace) -> int:
     check_output(output, args.overwrite)
     texts = read_texts(Path(args.input), args.columns)
     encoder = SentenceEncoder.load(args.model, device=device)
+    dim = _checked_dim(encoder, args.dim) or encoder.dim
     with _progress(texts.count, "encode", "text") as bar:
         def embed(block):
-            embeddings = encoder.encode(block, batch_size=args.batch_size, normalize=args.normalize, bf16=args.bf16)
+            embeddings = encoder.encode(block, batch_size=args.batch_size, normalize=args.normalize, bf16=args.bf16,
+                                        dim=dim)
             bar.update(len(block))
             return embeddings
 
-        write_embeddings(output, texts, encoder.dim, embed)
-    print(f"{output}: {texts.count} x {encoder.dim} float32")
+        write_embeddings(output, texts, dim, embed)
+    print(f"{output}: {texts.count} x {dim} float32")
     return 0
 
 
@@ -326,9 +371,10 @@ def _mine(args: argparse.Namespace) -> int:
     rows = [(row[0], row[1]) for row in data.rows]
     corpus = mining_corpus(settings.corpus, root, data, args.data)
     encoder = SentenceEncoder.load(args.model, device=device)
+    dim = _checked_dim(encoder, args.dim)
     print(f"mining {settings.num_negatives} negatives for {len(rows):,} rows ({len({a for a, _ in rows}):,} anchors) "
           f"from {len(corpus):,} passages", file=sys.stderr)
-    mined = mine(encoder, rows, corpus, settings, batch_size=args.batch_size, bf16=args.bf16)
+    mined = mine(encoder, rows, corpus, settings, batch_size=args.batch_size, bf16=args.bf16, dim=dim)
     if not mined.rows:
         raise DataError(f"no row found {settings.num_negatives} negatives that pass the filters; lower "
                         "--num-negatives or the margins, or raise --range-max")

@@ -20,7 +20,7 @@ from mnr.data import RANKING
 from mnr.device import check_device_name
 from mnr.errors import ConfigError
 from mnr.fileio import short_name
-from mnr.losses import LOSSES
+from mnr.losses import LOSSES, MatryoshkaSettings
 from mnr.mine import MiningSettings
 from mnr.model import POOLING_MODES
 from mnr.retrieval import split_spec
@@ -183,8 +183,8 @@ class RunSettings:
 
 
 # attribute of TrainConfig -> its group of settings, whose fields are keys as they are named
-GROUPS = {"model": ModelSettings, "data": DataSettings, "training": TrainingSettings, "eval": EvalSettings,
-          "run": RunSettings}
+GROUPS = {"model": ModelSettings, "data": DataSettings, "training": TrainingSettings,
+          "matryoshka": MatryoshkaSettings, "eval": EvalSettings, "run": RunSettings}
 # mnr train reads mining's settings as mine_ keys; the count is --mine-negatives, 0 for no mining
 MINING_KEYS = {f.name: "mine_negatives" if f.name == "num_negatives" else f"mine_{f.name}"
                for f in dataclasses.fields(MiningSettings)}
@@ -211,6 +211,7 @@ def defaults() -> dict:
 
 class TrainConfig:
     """The settings of one run, by group: ``model``, ``data``, ``training``, ``eval``, ``run`` (this module's),
+    ``matryoshka`` (``mnr.losses.MatryoshkaSettings``),
     ``mining`` (``mnr.mine.MiningSettings``; None without --mine-negatives) and ``loss`` (the chosen loss's own
     ``Settings``). Made from flat keys: ``TrainConfig(lr=3e-5, symmetric=True)``."""
 
@@ -222,8 +223,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(known))})")
             where, f = known[key]
             given.setdefault(where, {})[f.name] = value
-        self.model, self.data, self.training, self.eval, self.run = (group(**given.get(name, {}))
-                                                                     for name, group in GROUPS.items())
+        self.model, self.data, self.training, self.matryoshka, self.eval, self.run = (
+            group(**given.get(name, {})) for name, group in GROUPS.items())
         self.loss = self._loss_settings(given.get("loss", {}))
         self.mining = self._mining_settings(given.get("mining", {}))
         on = LOSSES[self.training.loss].input == RANKING
@@ -231,6 +232,9 @@ class TrainConfig:
             if used and not on:
                 raise ConfigError(f"{flag(key)} adds negatives to ranking rows; --loss {self.training.loss} trains on "
                                   "labelled pairs")
+        if self.matryoshka.matryoshka_dims and not on:
+            raise ConfigError(f"--matryoshka-dims: --loss {self.training.loss}'s classifier takes the whole embedding; "
+                              "Matryoshka training needs a ranking loss (e.g. mnr)")
         if self.mining and self.run.nproc > 1:
             raise ConfigError("--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its "
                               "file")

@@ -21,7 +21,7 @@ from mnr.data import STSKind, kind_of, peek, text_of, unknown_columns
 from mnr.errors import ConfigError, DataError
 from mnr.fileio import resolve_path
 from mnr.model import SentenceEncoder
-from mnr.retrieval import RetrievalEvaluator, is_retrieval_spec, load_retrieval, resolve_retrieval_spec
+from mnr.retrieval import RetrievalEvaluator, at_dim, is_retrieval_spec, load_retrieval, resolve_retrieval_spec
 
 STS, RETRIEVAL = "sts", "retrieval"  # the kinds of evaluation set
 STS_COLUMNS_HINT = "map other names with --columns, e.g. --columns sentence1=text_a,sentence2=text_b,score=label"
@@ -73,8 +73,9 @@ def load_sts(spec: str, column_map: dict[str, str] | None = None,
 
 
 def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64,
-                 bf16: bool = False, progress: bool | str = False) -> dict[str, float]:
-    """Spearman and Pearson correlation (x100) of cosine(sentence1, sentence2) with the gold scores.
+                 bf16: bool = False, progress: bool | str = False, dims: Sequence[int] = ()) -> dict[str, float]:
+    """Spearman and Pearson correlation (x100) of cosine(sentence1, sentence2) with the gold scores; with
+    ``dims``, also Spearman on the embeddings' first d values (Matryoshka) as spearman@Dd.
 
     Spearman is the headline figure (Reimers et al. 2016, "Task-Oriented Intrinsic Evaluation of
     Semantic Textual Similarity"): it only asks that more similar pairs score higher, which is
@@ -85,47 +86,57 @@ def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch
     embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True, bf16=bf16, show_progress=progress)
     a = embeddings[[index[e.sentence1] for e in examples]]
     b = embeddings[[index[e.sentence2] for e in examples]]
-    cosine = (a * b).sum(axis=1)
     gold = np.array([e.score for e in examples], dtype=np.float64)
-    return {
-        "spearman": float(spearmanr(cosine, gold).statistic) * 100,
-        "pearson": float(pearsonr(cosine, gold).statistic) * 100,
-    }
+    similarity = (a * b).sum(axis=1)
+    scores = {"spearman": float(spearmanr(similarity, gold).statistic) * 100,
+              "pearson": float(pearsonr(similarity, gold).statistic) * 100}
+    for d in dims:
+        scores[at_dim("spearman", d)] = float(spearmanr(cosine(a[:, :d], b[:, :d]), gold).statistic) * 100
+    return scores
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row i: the cosine of a[i] and b[i]."""
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 class STSEvaluator:
-    """STS correlation of one set of scored sentence pairs; Spearman is its primary metric."""
+    """STS correlation of one set of scored sentence pairs; Spearman is its primary metric (``dims``: also at
+    the embeddings' first d values, Matryoshka)."""
 
     primary = "spearman"
-    metrics = ("spearman", "pearson")
 
-    def __init__(self, examples: Sequence[STSExample], name: str = "sts_dev"):
+    def __init__(self, examples: Sequence[STSExample], name: str = "sts_dev", dims: Sequence[int] = ()):
         self.examples = examples
         self.name = name
+        self.dims = tuple(dims)
+        self.metrics = ("spearman", "pearson") + tuple(at_dim("spearman", d) for d in self.dims)
 
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
                  progress: bool = False) -> dict[str, float]:
-        return evaluate_sts(encoder, self.examples, batch_size, bf16, progress=progress and self.name)
+        return evaluate_sts(encoder, self.examples, batch_size, bf16, progress=progress and self.name, dims=self.dims)
 
 
 def evaluators(sets: dict[str, tuple[str, str]], root: Path | None, *, flags: dict[str, str],
                default_split: str = "dev", strict_qrels: bool = False, ignore_identical_ids: bool = False,
-               column_map: dict[str, str] | None = None, hint: str | None = None) -> list[Evaluator]:
+               column_map: dict[str, str] | None = None, hint: str | None = None,
+               dims: Sequence[int] = ()) -> list[Evaluator]:
     """One evaluator per set, loaded (and checked) now: ``sets`` maps a name to (kind, spec), an STS file or a
     retrieval folder ``DIR[:SPLIT][[START:STOP]]`` (``default_split`` where it names none), looked up as given or
-    under ``root``; ``flags`` names the flag of each kind in messages; ``column_map`` and ``hint``: STS files'."""
+    under ``root``; ``flags`` names the flag of each kind in messages; ``column_map`` and ``hint``: STS files';
+    ``dims``: each also scores the embeddings' first d values (Matryoshka)."""
     out: list[Evaluator] = []
     for name, (kind, spec) in sets.items():
         if kind == STS:
             examples = load_sts(resolve_path(spec, root), column_map, **({"hint": hint} if hint else {}))
-            out.append(STSEvaluator(examples, name=name))
+            out.append(STSEvaluator(examples, name=name, dims=dims))
             continue
         if not is_retrieval_spec(spec, root):
             raise ConfigError(f"{flags[kind]} {spec}: no such retrieval folder (DIR[:SPLIT][[START:STOP]])"
                               + ("" if root else "; relative paths are also looked up under --data-dir / "
                                                  "$MNR_DATA_DIR"))
         data = load_retrieval(resolve_retrieval_spec(spec, root), default_split=default_split, strict=strict_qrels)
-        out.append(RetrievalEvaluator(data, name=name, ignore_identical_ids=ignore_identical_ids))
+        out.append(RetrievalEvaluator(data, name=name, ignore_identical_ids=ignore_identical_ids, dims=dims))
     return out
 
 

@@ -171,5 +171,53 @@ class SoftmaxLoss(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
+@dataclass
+class MatryoshkaSettings:
+    """Matryoshka training (Kusupati et al. 2022): the loss of every prefix of the embedding as well, so its first d
+    values make an embedding of their own (an index of 64 dimensions costs a sixth of one of 384)."""
+
+    matryoshka_dims: list[int] = setting([], "also train the embedding's first d values for each d, e.g. 384 256 128 "
+                                             "64 32 (decreasing; each prefix renormalised by the loss's cosine): the "
+                                             "loss is the weighted sum of the loss at every d (default: none, the "
+                                             "whole embedding only)", weights=True, metavar="DIM")
+    matryoshka_weights: list[float] = setting([], "the weight of each --matryoshka-dims loss (default: 1 each)",
+                                              weights=True, metavar="WEIGHT")
+
+    def __post_init__(self):
+        check_types(self)
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        require(self, "matryoshka_dims", all(d >= 1 for d in dims), "must be positive")
+        require(self, "matryoshka_dims", all(a > b for a, b in zip(dims, dims[1:], strict=False)),
+                "must be decreasing, each once (e.g. 384 256 128 64 32)")
+        require(self, "matryoshka_weights", not weights or len(weights) == len(dims),
+                f"must give one weight per --matryoshka-dims value ({len(dims)})")
+        require(self, "matryoshka_weights", all(math.isfinite(w) and w > 0 for w in weights),
+                "must be positive numbers")
+
+
+class Matryoshka(nn.Module):
+    """Any loss over embeddings, computed on the first d values of every column for each d of ``dims`` and summed
+    with ``weights`` (sentence-transformers' MatryoshkaLoss). One forward and one backward of the encoder serve
+    every d (the columns are sliced, not re-embedded), so it composes with gradient caching, the packed layouts
+    and gathered negatives across processes: the wrapped loss sees narrower embeddings, nothing else.
+
+    With one d, the model's full dimension, it is the wrapped loss exactly.
+    """
+
+    def __init__(self, loss: nn.Module, dims: list[int], weights: list[float] | None = None):
+        super().__init__()
+        self.loss = loss
+        self.dims = list(dims)
+        self.weights = list(weights) if weights else [1.0] * len(self.dims)
+
+    def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
+        total = None
+        for d, weight in zip(self.dims, self.weights, strict=True):
+            loss = self.loss([c[:, :d] for c in columns], labels)
+            loss = loss if weight == 1.0 else weight * loss
+            total = loss if total is None else total + loss
+        return total
+
+
 # --loss NAME -> the class. A new loss is a class with the attributes of ``Loss`` and an entry here.
 LOSSES: dict[str, type[Loss]] = {"mnr": MultipleNegativesRankingLoss, "softmax": SoftmaxLoss}

@@ -119,8 +119,9 @@ class Candidates:
 
 
 def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str], depth: int,
-         batch_size: int = 64, bf16: bool = False, progress: bool = True) -> Candidates:
-    """Embed anchors, positives and corpus; keep each anchor's ``depth`` best non-positive passages."""
+         batch_size: int = 64, bf16: bool = False, progress: bool = True, dim: int | None = None) -> Candidates:
+    """Embed anchors, positives and corpus (``dim``: their first ``dim`` values); keep each anchor's ``depth``
+    best non-positive passages."""
     anchors = list(dict.fromkeys(anchor for anchor, _ in rows))
     positives: dict[str, list[str]] = {}
     for anchor, positive in rows:
@@ -129,9 +130,9 @@ def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequ
     position = {text: i for i, text in enumerate(corpus)}
     outside = list(dict.fromkeys(p for ps in positives.values() for p in ps if p not in position))  # to score
 
-    anchor_emb = encode_for_search(encoder, anchors, batch_size, bf16, what="anchors" if progress else "")
-    corpus_emb = encode_for_search(encoder, corpus, batch_size, bf16, what="corpus" if progress else "")
-    outside_emb = encode_for_search(encoder, outside, batch_size, bf16) if outside else corpus_emb[:0]
+    anchor_emb = encode_for_search(encoder, anchors, batch_size, bf16, what="anchors" if progress else "", dim=dim)
+    corpus_emb = encode_for_search(encoder, corpus, batch_size, bf16, what="corpus" if progress else "", dim=dim)
+    outside_emb = encode_for_search(encoder, outside, batch_size, bf16, dim=dim) if outside else corpus_emb[:0]
     outside_index = {text: i for i, text in enumerate(outside)}
 
     def embedding(text: str) -> torch.Tensor:
@@ -188,9 +189,11 @@ def columns(num_negatives: int) -> tuple[str, ...]:
 
 
 def mine(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str],
-         settings: MiningSettings, batch_size: int = 64, bf16: bool = False, progress: bool = True) -> Mined:
-    """Mine ``settings.num_negatives`` negatives from ``corpus`` for each (anchor, positive) of ``rows``."""
-    return select(rank(encoder, rows, corpus, settings.range_max, batch_size, bf16, progress), settings)
+         settings: MiningSettings, batch_size: int = 64, bf16: bool = False, progress: bool = True,
+         dim: int | None = None) -> Mined:
+    """Mine ``settings.num_negatives`` negatives from ``corpus`` for each (anchor, positive) of ``rows``
+    (``dim``: ranked by the embeddings' first ``dim`` values)."""
+    return select(rank(encoder, rows, corpus, settings.range_max, batch_size, bf16, progress, dim), settings)
 
 
 def mining_corpus(spec: str | None, root: Path | None, data: TrainingSet, data_specs: Sequence[str]) -> list[str]:

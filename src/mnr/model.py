@@ -212,7 +212,8 @@ class SentenceEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = False,
-               show_progress: bool | str = False, bf16: bool = False, max_tokens: int | None = None) -> np.ndarray:
+               show_progress: bool | str = False, bf16: bool = False, max_tokens: int | None = None,
+               dim: int | None = None) -> np.ndarray:
         """Embed ``texts`` -> (N, D) float32 array, in the order given.
 
         Texts are sorted by token count so each batch pads to a similar length (padding is wasted
@@ -222,7 +223,8 @@ class SentenceEncoder(nn.Module):
         (pooling stays fp32), about twice as fast on GPUs and on CPUs with AMX (slower on CPUs without:
         ``mnr.device``); embeddings
         differ from fp32 by about 1e-4 in cosine. ``show_progress``: a progress bar (named by it, when
-        it is a string) that goes when the work is done.
+        it is a string) that goes when the work is done. ``dim``: the first ``dim`` values of each embedding
+        (a Matryoshka-trained model's smaller embedding; normalised after the cut).
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts; wrap a single text in a list")
@@ -253,6 +255,8 @@ class SentenceEncoder(nn.Module):
                 embeddings = self([ids[i] for i in chunk]).float()
             out.index_copy_(0, packing.to_device(torch.tensor(chunk), device), embeddings)
         self.train(was_training)
+        if dim:
+            out = out[:, :dim]
         if normalize:
             out = F.normalize(out, p=2, dim=-1)
         return out.cpu().numpy()

@@ -35,7 +35,7 @@ from mnr.dropout import use_fast_dropout
 from mnr.errors import ConfigError, DataError, Stopped, TrainingError
 from mnr.evaluate import RETRIEVAL, Evaluator, evaluators
 from mnr.fileio import data_dir, write_rows
-from mnr.losses import LOSSES, Loss
+from mnr.losses import LOSSES, Loss, Matryoshka
 from mnr.model import SentenceEncoder
 from mnr.plot import plot_runs
 from mnr.retrieval import RetrievalEvaluator, split_spec
@@ -106,11 +106,12 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
                                        max_seq_length=config.model.max_seq_length, layout=config.model.layout,
                                        device=device)
     encoder.to(device)
+    matryoshka_dims(config, encoder.dim)  # before mining's minutes
     mining_record = {}
     if config.mining:
         data, mining_record = mine_negatives(config, data, corpus, encoder, dev, bf16, progress)
     total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
-    objective = LOSSES[training.loss].from_settings(config.loss, encoder.dim, world_size).to(device)
+    objective = objective_of(config, encoder.dim, world_size).to(device)
     train_encoder, train_objective = trainable(encoder, objective, world_size)
     # Re-tokenising every batch costs as much as a small model's forward on CPU: do it once.
     texts = list(dict.fromkeys(t for row in data.rows for t in row))
@@ -143,6 +144,21 @@ def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | No
         raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(data.columns)}); "
                           "mine for (anchor, positive) pairs")
     return data
+
+
+def objective_of(config: TrainConfig, dim: int, world_size: int) -> torch.nn.Module:
+    """The loss the config names, for embeddings of ``dim`` values; with --matryoshka-dims, on each prefix too."""
+    objective = LOSSES[config.training.loss].from_settings(config.loss, dim, world_size)
+    dims = matryoshka_dims(config, dim)
+    return Matryoshka(objective, dims, config.matryoshka.matryoshka_weights) if dims else objective
+
+
+def matryoshka_dims(config: TrainConfig, dim: int) -> list[int]:
+    """--matryoshka-dims, checked against the model's dimension ``dim``."""
+    dims = config.matryoshka.matryoshka_dims
+    if dims and dims[0] > dim:
+        raise ConfigError(f"--matryoshka-dims: {dims[0]} is above the model's dimension, {dim}")
+    return dims
 
 
 def trainable(encoder: SentenceEncoder, objective: Loss, world_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -218,7 +234,7 @@ def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
     """The dev sets the config names, loaded (and checked) now; the one best/ is chosen by first."""
     dev = evaluators(config.eval.dev_sets(), root, flags={"sts": "--sts-dev", RETRIEVAL: "--ir-dev"},
                      default_split="dev", strict_qrels=config.data.strict_qrels,
-                     ignore_identical_ids=config.eval.ignore_identical_ids)
+                     ignore_identical_ids=config.eval.ignore_identical_ids, dims=config.matryoshka.matryoshka_dims)
     chosen = config.eval.best()[0]
     return sorted(dev, key=lambda e: e.name != chosen) if chosen else dev
 

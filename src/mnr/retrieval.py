@@ -222,27 +222,35 @@ def mean_metrics(rankings: dict[str, Sequence[str]], qrels: dict[str, dict[str, 
 def mean_of_sets(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each metric's unweighted mean over several retrieval sets (``results[set][metric]``), as MTEB and BEIR
     report an average: every data set counts once, whatever its number of queries."""
-    return {name: float(np.mean([scores[name] for scores in results.values()])) for name in METRICS}
+    first = next(iter(results.values()))
+    return {name: float(np.mean([scores[name] for scores in results.values()])) for name in first}
 
 
-def retrieval_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def retrieval_table(results: dict[str, dict[str, dict[str, float]]], metrics: dict[str, str] | None = None) -> str:
     """A markdown table of ``results[model][set][metric]``: a row per model and set, and with several sets
-    a row of their mean per model."""
-    lines = ["| model | set | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    a row of their mean per model; ``metrics``: the columns (key: title; default METRICS)."""
+    metrics = metrics or METRICS
+    lines = ["| model | set | " + " | ".join(metrics.values()) + " |", "|---|---|" + "---:|" * len(metrics)]
     for model, sets in results.items():
         rows = dict(sets)
         if len(sets) > 1:
             rows[f"mean of {len(sets)} sets"] = mean_of_sets(sets)
-        lines += [f"| {model} | {name} | " + " | ".join(f"{scores[m]:.2f}" for m in METRICS) + " |"
+        lines += [f"| {model} | {name} | " + " | ".join(f"{scores[m]:.2f}" for m in metrics) + " |"
                   for name, scores in rows.items()]
     return "\n".join(lines)
 
 
 def encode_for_search(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int, bf16: bool,
-                      what: str = "") -> torch.Tensor:
-    """Normalised (N, D) embeddings for cosine search; ``what`` names a progress bar (none without it)."""
+                      what: str = "", dim: int | None = None) -> torch.Tensor:
+    """Normalised (N, D) embeddings for cosine search (``dim``: the first ``dim`` values, renormalised);
+    ``what`` names a progress bar (none without it)."""
     return torch.from_numpy(encoder.encode(texts, batch_size=batch_size, normalize=True, bf16=bf16,
-                                           show_progress=what or False))
+                                           show_progress=what or False, dim=dim))
+
+
+def at_dim(metric: str, dim: int) -> str:
+    """The name of ``metric`` measured on the embeddings' first ``dim`` values, e.g. ndcg@10@64d."""
+    return f"{metric}@{dim}d"
 
 
 class RetrievalEvaluator:
@@ -255,12 +263,14 @@ class RetrievalEvaluator:
     """
 
     primary = "ndcg@10"
-    metrics = tuple(METRICS)
 
-    def __init__(self, data: RetrievalSet, name: str = "ir_dev", ignore_identical_ids: bool = False):
+    def __init__(self, data: RetrievalSet, name: str = "ir_dev", ignore_identical_ids: bool = False,
+                 dims: Sequence[int] = ()):
         self.data = data
         self.name = name
         self.ignore_identical_ids = ignore_identical_ids
+        self.dims = tuple(dims)  # also the headline metric on the embeddings' first d values (Matryoshka): NDCG@10@Dd
+        self.metrics = tuple(METRICS) + tuple(at_dim(self.primary, d) for d in self.dims)
         self.reused: torch.Tensor | None = None
 
     def reuse(self, passages: torch.Tensor) -> None:
@@ -274,14 +284,22 @@ class RetrievalEvaluator:
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
                  progress: bool = False) -> dict[str, float]:
         passages, self.reused = self.reused, None
-        return mean_metrics(self.rankings(encoder, batch_size=batch_size, bf16=bf16, progress=progress,
-                                          passages=passages), self.data.qrels)
+        queries, passages = self._embed(encoder, batch_size, bf16, progress, passages)
+        scores = mean_metrics(self._ranked(queries, passages, encoder), self.data.qrels)
+        for d in self.dims:  # the same embeddings, cut to d values and renormalised
+            cut = [torch.nn.functional.normalize(x[:, :d], dim=-1) for x in (queries, passages)]
+            scores[at_dim(self.primary, d)] = mean_metrics(self._ranked(*cut, encoder), self.data.qrels)[self.primary]
+        return scores
 
     def rankings(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
                  progress: bool = False, passages: torch.Tensor | None = None) -> dict[str, list[str]]:
         """The TOP_K passage ids each judged query ranks first, best first."""
-        query_ids = list(self.data.qrels)
-        queries = encode_for_search(encoder, [self.data.queries[q] for q in query_ids], batch_size, bf16,
+        return self._ranked(*self._embed(encoder, batch_size, bf16, progress, passages), encoder)
+
+    def _embed(self, encoder: SentenceEncoder, batch_size: int, bf16: bool, progress: bool,
+               passages: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The judged queries' embeddings and the corpus's (``passages``, when the caller has them)."""
+        queries = encode_for_search(encoder, [self.data.queries[q] for q in self.data.qrels], batch_size, bf16,
                                     what=progress and f"{self.name}: queries")
         if passages is None:
             passages = encode_for_search(encoder, self.data.passages, batch_size, bf16,
@@ -289,6 +307,10 @@ class RetrievalEvaluator:
         elif passages.shape != (len(self.data.passages), encoder.dim):
             raise ValueError(f"passages: expected ({len(self.data.passages)}, {encoder.dim}) embeddings of the corpus, "
                              f"got {tuple(passages.shape)}")
+        return queries, passages
+
+    def _ranked(self, queries: torch.Tensor, passages: torch.Tensor, encoder: SentenceEncoder) -> dict[str, list[str]]:
+        query_ids = list(self.data.qrels)
         # one passage at most has the query's id (ids are unique): one more than TOP_K is enough to drop it
         _, top = search(queries, passages, TOP_K + self.ignore_identical_ids, encoder.device)
         ids = self.data.passage_ids
