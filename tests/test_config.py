@@ -180,3 +180,14 @@ def test_a_config_toml_written_before_settings_were_grouped_still_loads(tmp_path
     mined = TrainConfig.from_sources(str(path), loss="mnr", mine_negatives=1)
     assert (mined.mining.range_max, mined.mining.relative_margin) == (50, 0.05)  # as the file says
 
+
+def test_a_flat_key_read_as_an_attribute_names_its_group():
+    config = TrainConfig(lr=3e-5, mine_negatives=2, symmetric=True)
+    assert (config.training.lr, config.mining.num_negatives, config.loss.symmetric) == (3e-5, 2, True)
+    for key, where in (("lr", "config.training.lr"), ("mine_range_max", "config.mining.range_max"),
+                       ("scale", "config.loss.scale"), ("sts_dev", "config.eval.sts_dev")):
+        with pytest.raises(AttributeError, match=f"settings are grouped, read {where}"):
+            getattr(config, key)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        config.nope  # noqa: B018
+

@@ -239,6 +239,15 @@ class TrainConfig:
             raise ConfigError("--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its "
                               "file")
 
+    def __getattr__(self, name: str):
+        """A flat key read as an attribute (``config.lr``) names the group it lives in."""
+        known = keys()
+        if name in known:
+            where, f = known[name]
+            raise AttributeError(f"TrainConfig has no attribute {name!r}: settings are grouped, read "
+                                 f"config.{where}.{f.name}")
+        raise AttributeError(f"TrainConfig has no attribute {name!r}")
+
     def _loss_settings(self, values: dict):
         """The chosen loss's settings; another loss's settings must be left at their defaults: a setting that
         silently does nothing is a mistake its user never sees."""
