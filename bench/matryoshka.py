@@ -28,11 +28,11 @@ FILE = RESULTS / "matryoshka.json"
 def scores(model_dir: str, spec: str, data_dir: str) -> dict:
     """NDCG@10 (x100) at every size of DIMS."""
     from mnr.model import SentenceEncoder
-    from mnr.retrieval import RetrievalEvaluator, load_retrieval, resolve_retrieval_spec
+    from mnr.retrieval import RetrievalEvaluator, at_dim, load_retrieval, resolve_retrieval_spec
 
     data = load_retrieval(resolve_retrieval_spec(spec, Path(data_dir)))
     out = RetrievalEvaluator(data, dims=DIMS)(SentenceEncoder.load(model_dir))
-    return {str(d): out[f"ndcg@10@{d}d"] for d in DIMS}
+    return {str(d): out[at_dim("ndcg@10", d)] for d in DIMS}
 
 
 def train_mnr(matryoshka: bool, seed: int, data_dir: str, workdir: Path) -> tuple[dict, Path]:

@@ -389,13 +389,6 @@ class RecordsFile:
 SOURCES = [RetrievalFolder(), RecordsFile()]
 
 
-def resolve(spec: str, root: Path | None) -> str:
-    """A retrieval folder or a file, looked up as given or under the data directory ``root``."""
-    if retrieval.is_retrieval_spec(spec, root):
-        return retrieval.resolve_retrieval_spec(spec, root)
-    return resolve_path(spec, root)
-
-
 def load_training_set(
     specs: list[str],
     *,

@@ -98,15 +98,13 @@ def choose_bf16(setting: bool | None, device: torch.device) -> tuple[bool, str]:
     and why, in words."""
     if setting is not None:
         return setting, "as asked (--bf16)" if setting else "as asked (--no-bf16)"
+    on = native_bf16(device)
     if device.type == "cpu" and os.environ.get("MNR_CPU_BF16"):
-        on = native_bf16(device)
         return on, f"auto: MNR_CPU_BF16={int(on)} says this CPU {'computes' if on else 'lacks'} bf16 natively"
-    if device.type == "cpu" and cpu_bf16_instructions():
-        speedup = cpu_bf16_speedup()
-        on = speedup >= BF16_SPEEDUP
-        return on, (f"auto: this CPU's bf16 matrix products measured {speedup:.2f}x as fast as fp32's"
+    if device.type == "cpu" and cpu_bf16_instructions():  # native_bf16 measured it (once per process)
+        return on, (f"auto: this CPU's bf16 matrix products measured {cpu_bf16_speedup():.2f}x as fast as fp32's"
                     + ("" if on else f", not the {BF16_SPEEDUP}x that pays for bf16's rounding"))
-    if native_bf16(device):
+    if on:
         return True, f"auto: this {device.type.upper()} computes bf16 natively"
     what = "GPU (compute capability < 8.0)" if device.type == "cuda" else "CPU (no AVX-512 BF16 or AMX)"
     return False, f"auto: this {what} would emulate bf16, slower than fp32"

@@ -113,7 +113,8 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 def resolve_path(spec: str, root: Path | None) -> str:
-    """Return a local path or a hub spec for ``spec`` (a file; ``mnr.data.resolve`` also takes retrieval folders).
+    """Return a local path or a hub spec for ``spec``, a file (a retrieval folder:
+    ``mnr.retrieval.resolve_retrieval_spec``).
 
     A path that exists is used as given; otherwise a relative path is looked up under the data
     directory, so configs can say ``nli/snli_dev.jsonl.gz`` and run on any machine.

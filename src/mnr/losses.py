@@ -211,12 +211,8 @@ class Matryoshka(nn.Module):
         self.weights = list(weights) if weights else [1.0] * len(self.dims)
 
     def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
-        total = None
-        for d, weight in zip(self.dims, self.weights, strict=True):
-            loss = self.loss([c[:, :d] for c in columns], labels)
-            loss = loss if weight == 1.0 else weight * loss
-            total = loss if total is None else total + loss
-        return total
+        return sum(weight * self.loss([c[:, :d] for c in columns], labels)
+                   for d, weight in zip(self.dims, self.weights, strict=True))
 
 
 # --loss NAME -> the class. A new loss is a class with the attributes of ``Loss`` and an entry here.
