@@ -93,6 +93,8 @@ SETTINGS = {
     "cached": {"hard_negatives": True, "mini_batch_size": 3},
     "softmax": {"loss": "softmax"},
     "matryoshka": {"hard_negatives": True, "matryoshka_dims": [32, 16, 8], "matryoshka_weights": [1.0, 0.5, 2.0]},
+    "prompts": {"hard_negatives": True, "prompts": {"query": "query: ", "passage": "passage: "},
+                "include_prompt": False},
 }
 # fp32: equal up to summation order. bf16 autocast (as a CPU with native bf16 or a GPU trains): the two
 # sides multiply different blocks of rows, each rounded to bf16's 8 bits of mantissa, so gradients are

@@ -29,6 +29,17 @@ def pairs(tmp_path):
                                                   for i in range(12)])
 
 
+def refused_before_writing(model, data, tmp_path, capsys, flags, message):
+    """mnr train with ``flags`` exits with 2, says ``message`` (a regular expression), and writes nothing."""
+    import re
+
+    output = tmp_path / "run"
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(output), "--batch-size", "4",
+                 *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not output.exists()
+
+
 def run(model, data, output, *extra):
     # fp32: the references below are computed in fp32
     assert main(["train", "--model", str(model), "--data", str(data), "--output", str(output), "--batch-size", "4",
@@ -88,13 +99,7 @@ def test_gradient_caching_with_matryoshka_is_the_plain_step(tiny_model_dir, nli_
 ])
 def test_bad_matryoshka_settings_fail_before_anything_is_written(tiny_model_dir, nli_file, tmp_path, capsys, flags,
                                                                  message):
-    import re
-
-    output = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(nli_file), "--output", str(output),
-                 "--batch-size", "4", *flags]) == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert not output.exists()
+    refused_before_writing(tiny_model_dir, nli_file, tmp_path, capsys, flags, message)
     with pytest.raises(ConfigError, match="--matryoshka-dims must be a list of integers"):
         TrainConfig(matryoshka_dims=[32, "16"])
 

@@ -53,7 +53,8 @@ def test_batches_of_long_texts_end_at_a_token_budget(tiny_encoder, monkeypatch):
     texts = SENTENCES[:10] + ["x " * 40]
     sizes: list[int] = []
     forward = SentenceEncoder.forward
-    monkeypatch.setattr(SentenceEncoder, "forward", lambda self, ids: sizes.append(len(ids)) or forward(self, ids))
+    monkeypatch.setattr(SentenceEncoder, "forward",
+                        lambda self, ids, skip=None: sizes.append(len(ids)) or forward(self, ids, skip))
     budgeted = tiny_encoder.encode(texts, batch_size=8, max_tokens=60)
     assert sizes[0] == 1 and max(sizes) <= 8 and sum(sizes) == 11  # the 40-token text alone
     sizes.clear()

@@ -44,23 +44,28 @@ class Replay:
     """What ``replay_with_gradients`` needs: the mini-batches and the RNG state before and after each pass."""
 
     chunks: list[Sequence[Sequence[int]]]
+    skips: list[Sequence[int] | None]  # each chunk's prompt tokens left out of pooling (None: none)
     states: list[tuple]  # the RNG state before each chunk's forward
     after: tuple  # the RNG state after the last one
     device: torch.device
 
 
 def embed_without_graph(model: torch.nn.Module, ids: Sequence[Sequence[int]], mini_batch_size: int,
-                        autocast: Autocast, device: torch.device) -> tuple[torch.Tensor, Replay]:
+                        autocast: Autocast, device: torch.device,
+                        skip: Sequence[int] | None = None) -> tuple[torch.Tensor, Replay]:
     """(N, D) fp32 embeddings of the token id lists ``ids``, ``mini_batch_size`` texts at a time, with
-    no activations kept; they require grad, so a loss on them back-propagates to them only."""
-    chunks = [ids[i : i + mini_batch_size] for i in range(0, len(ids), mini_batch_size)]
+    no activations kept; they require grad, so a loss on them back-propagates to them only. ``skip``: the
+    model's pooling argument (tokens of each text left out), if any."""
+    starts = range(0, len(ids), mini_batch_size)
+    chunks = [ids[i : i + mini_batch_size] for i in starts]
+    skips = [skip[i : i + mini_batch_size] if skip is not None else None for i in starts]
     states, pieces = [], []
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk, chunk_skip in zip(chunks, skips, strict=True):
             states.append(rng_state(device))
             with autocast():
-                pieces.append(model(chunk))
-    replay = Replay(chunks, states, rng_state(device), device)
+                pieces.append(model(chunk, chunk_skip))
+    replay = Replay(chunks, skips, states, rng_state(device), device)
     return torch.cat(pieces).float().requires_grad_(), replay
 
 
@@ -78,6 +83,6 @@ def replay_with_gradients(model: torch.nn.Module, replay: Replay, grad: torch.Te
         set_rng_state(replay.states[i], replay.device)
         with no_sync() if i < last else contextlib.nullcontext():
             with autocast():
-                out = model(chunk)
+                out = model(chunk, replay.skips[i])
             out.float().backward(chunk_grad)
     set_rng_state(replay.after, replay.device)

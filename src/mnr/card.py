@@ -96,6 +96,7 @@ def model_card(facts: RunFacts, path: Path, which: str) -> str:
         "print(embeddings @ embeddings.T)  # cosine similarities",
         "```",
         "",
+        *_prompts(facts),
         *_smaller_embeddings(facts, path),
         *_evaluation(facts, which),
         "## Training",
@@ -183,6 +184,32 @@ def _summary(facts: RunFacts, which: str) -> str:
     return (f"A sentence-embedding model fine-tuned from {_base_link(facts.config.model.model)} with mnr "
             f"({facts.loss}) on {len(facts.data):,} rows. It maps a text to a {facts.dim}-dimensional vector; the "
             f"cosine similarity of two vectors says how close the texts are in meaning. {what}")
+
+
+def _prompts(facts: RunFacts) -> list[str]:
+    """With --prompts: which texts get which prompt, and how to apply them."""
+    settings = facts.config.prompts
+    if not settings.prompts:
+        return []
+    by_column = settings.by_column()
+    query = by_column.get("anchor", by_column.get("premise"))
+    document = by_column.get("positive", by_column.get("hypothesis"))
+    lines = ["### Prompts", "",
+             "Trained with prompts before the texts of its columns (" + "; ".join(
+                 f"{column}: `{name}`, {settings.prompts[name]!r}" for column, name in by_column.items()) + "), "
+             "saved in `config_sentence_transformers.json`; pooling "
+             f"{'counts' if settings.include_prompt else 'leaves out'} their tokens. Embed each text with the prompt "
+             "of the column it plays:", "", "```python"]
+    if query:
+        lines.append("queries = model.encode_query([...])" if query == "query" else
+                     f"queries = model.encode([...], prompt_name={query!r})")
+    if document:
+        known = next((n for n in ("document", "passage", "corpus") if n in settings.prompts), None)
+        lines.append("passages = model.encode_document([...])" if document == known else
+                     f"passages = model.encode([...], prompt_name={document!r})")
+    lines += [f"encoder.encode(texts, prompt=encoder.prompt({(query or document)!r}))  # mnr; `mnr encode "
+              f"--prompt-name {query or document}` likewise", "```", ""]
+    return lines
 
 
 def _smaller_embeddings(facts: RunFacts, path: Path) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mnr.device import resolve_device
 from mnr.errors import MnrError
+from mnr.prompts import PromptChoice
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                              "Matryoshka-trained model keeps at a smaller size (NDCG@10, Spearman)")
     eval_parser.add_argument("--json", metavar="FILE.json", help="also write every figure (each set's metrics, "
                              "the retrieval mean, each set's counts) to this JSON file")
+    _add_prompt_flags(eval_parser, query="--retrieval's queries", corpus="--retrieval's passages",
+                      sts="--sts sentences")
     _add_encoding_flags(eval_parser, "scores move by about 0.01")
 
     encode_parser = commands.add_parser(
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     encode_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     encode_parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     _add_dim_flag(encode_parser)
+    _add_prompt_flags(encode_parser, sts="the texts")
     _add_encoding_flags(encode_parser, "cosines move by about 1e-4")
 
     mine_parser = commands.add_parser(
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(mine_parser, MiningSettings, skip=("model",))  # the settings mnr train reads as --mine-...
     _add_strict_qrels_flag(mine_parser, "its judgement is skipped")
     _add_dim_flag(mine_parser)
+    _add_prompt_flags(mine_parser, query="the anchors", corpus="the positives and the corpus")
     mine_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_encoding_flags(mine_parser, "scores move by about 1e-4")
 
@@ -195,6 +200,32 @@ def _matryoshka_dims(encoder) -> list[int]:
         return []
     with open(path, "rb") as f:
         return list(tomllib.load(f).get("matryoshka_dims", []))
+
+
+def _add_prompt_flags(parser: argparse.ArgumentParser, query: str = "", corpus: str = "", sts: str = "") -> None:
+    """--query-prompt-name / --corpus-prompt-name for the sides a command embeds (named by the arguments), and
+    --prompt-name for texts of no side; each a name of the model's prompts (mnr train --prompts), or none."""
+    if query:
+        parser.add_argument("--query-prompt-name", metavar="NAME", help=f"the model's prompt put before {query} "
+                            "('none': no prompt; default: its 'query' prompt if it has one, as sentence-transformers' "
+                            "encode_query)")
+    if corpus:
+        parser.add_argument("--corpus-prompt-name", metavar="NAME", help=f"the model's prompt put before {corpus} "
+                            "('none': no prompt; default: its 'document', 'passage' or 'corpus' prompt, the first it "
+                            "has, as sentence-transformers' encode_document)")
+    if sts:
+        parser.add_argument("--prompt-name", metavar="NAME", help=f"the model's prompt put before {sts} ('none': no "
+                            "prompt; default: its default prompt if it names one, as sentence-transformers' encode)")
+
+
+def _prompt_choice(args: argparse.Namespace, encoders) -> PromptChoice:
+    """The prompt names the flags give, checked against every model (an unknown name fails before any work)."""
+    choice = PromptChoice.from_flag(getattr(args, "query_prompt_name", None), getattr(args, "corpus_prompt_name", None),
+                                    getattr(args, "prompt_name", None))
+    for encoder in encoders:
+        for name in (choice.query, choice.corpus, choice.sts):
+            encoder.prompt(name)
+    return choice
 
 
 def _add_strict_qrels_flag(parser: argparse.ArgumentParser, default_effect: str) -> None:
@@ -299,6 +330,9 @@ def _eval(args: argparse.Namespace) -> int:
     for encoder in encoders.values():
         for dim in args.dims:
             _checked_dim(encoder, dim)
+    prompts = _prompt_choice(args, encoders.values())
+    for e in loaded:
+        e.prompts = prompts
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {STS: {}, RETRIEVAL: {}}
     for model, encoder in encoders.items():
         encoder.to(device)
@@ -334,10 +368,11 @@ def _encode(args: argparse.Namespace) -> int:
     texts = read_texts(Path(args.input), args.columns)
     encoder = SentenceEncoder.load(args.model, device=device)
     dim = _checked_dim(encoder, args.dim) or encoder.dim
+    prompt = encoder.prompt(_prompt_choice(args, [encoder]).sts)
     with _progress(texts.count, "encode", "text") as bar:
         def embed(block):
             embeddings = encoder.encode(block, batch_size=args.batch_size, normalize=args.normalize, bf16=args.bf16,
-                                        dim=dim)
+                                        dim=dim, prompt=prompt)
             bar.update(len(block))
             return embeddings
 
@@ -374,7 +409,8 @@ def _mine(args: argparse.Namespace) -> int:
     dim = _checked_dim(encoder, args.dim)
     print(f"mining {settings.num_negatives} negatives for {len(rows):,} rows ({len({a for a, _ in rows}):,} anchors) "
           f"from {len(corpus):,} passages", file=sys.stderr)
-    mined = mine(encoder, rows, corpus, settings, batch_size=args.batch_size, bf16=args.bf16, dim=dim)
+    prompts = _prompt_choice(args, [encoder])
+    mined = mine(encoder, rows, corpus, settings, batch_size=args.batch_size, bf16=args.bf16, dim=dim, prompts=prompts)
     if not mined.rows:
         raise DataError(f"no row found {settings.num_negatives} negatives that pass the filters; lower "
                         "--num-negatives or the margins, or raise --range-max")

@@ -23,6 +23,7 @@ from mnr.fileio import short_name
 from mnr.losses import LOSSES, MatryoshkaSettings
 from mnr.mine import MiningSettings
 from mnr.model import POOLING_MODES
+from mnr.prompts import PromptSettings
 from mnr.retrieval import split_spec
 from mnr.settings import check_types, default, flag, require, setting, toml_value
 
@@ -183,7 +184,7 @@ class RunSettings:
 
 
 # attribute of TrainConfig -> its group of settings, whose fields are keys as they are named
-GROUPS = {"model": ModelSettings, "data": DataSettings, "training": TrainingSettings,
+GROUPS = {"model": ModelSettings, "data": DataSettings, "prompts": PromptSettings, "training": TrainingSettings,
           "matryoshka": MatryoshkaSettings, "eval": EvalSettings, "run": RunSettings}
 # mnr train reads mining's settings as mine_ keys; the count is --mine-negatives, 0 for no mining
 MINING_KEYS = {f.name: "mine_negatives" if f.name == "num_negatives" else f"mine_{f.name}"
@@ -211,7 +212,7 @@ def defaults() -> dict:
 
 class TrainConfig:
     """The settings of one run, by group: ``model``, ``data``, ``training``, ``eval``, ``run`` (this module's),
-    ``matryoshka`` (``mnr.losses.MatryoshkaSettings``),
+    ``prompts`` (``mnr.prompts.PromptSettings``), ``matryoshka`` (``mnr.losses.MatryoshkaSettings``),
     ``mining`` (``mnr.mine.MiningSettings``; None without --mine-negatives) and ``loss`` (the chosen loss's own
     ``Settings``). Made from flat keys: ``TrainConfig(lr=3e-5, symmetric=True)``."""
 
@@ -223,7 +224,7 @@ class TrainConfig:
                 raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(known))})")
             where, f = known[key]
             given.setdefault(where, {})[f.name] = value
-        self.model, self.data, self.training, self.matryoshka, self.eval, self.run = (
+        self.model, self.data, self.prompts, self.training, self.matryoshka, self.eval, self.run = (
             group(**given.get(name, {})) for name, group in GROUPS.items())
         self.loss = self._loss_settings(given.get("loss", {}))
         self.mining = self._mining_settings(given.get("mining", {}))
@@ -329,7 +330,7 @@ def load_toml(path: str | Path) -> dict:
     if "packing" in values and "layout" not in values:  # config.toml files written before --layout
         values["layout"] = "auto" if values.pop("packing") else "padded"
     for key, value in values.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not (key in known and isinstance(default(known[key][1]), dict)):
             raise ConfigError(f"{path}: [{key}] tables are not used; write key = value at the top level")
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")

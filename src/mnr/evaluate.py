@@ -21,6 +21,7 @@ from mnr.data import STSKind, kind_of, peek, text_of, unknown_columns
 from mnr.errors import ConfigError, DataError
 from mnr.fileio import resolve_path
 from mnr.model import SentenceEncoder
+from mnr.prompts import MODELS_OWN, PromptChoice
 from mnr.retrieval import RetrievalEvaluator, at_dim, is_retrieval_spec, load_retrieval, resolve_retrieval_spec
 
 STS, RETRIEVAL = "sts", "retrieval"  # the kinds of evaluation set
@@ -73,9 +74,11 @@ def load_sts(spec: str, column_map: dict[str, str] | None = None,
 
 
 def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch_size: int = 64,
-                 bf16: bool = False, progress: bool | str = False, dims: Sequence[int] = ()) -> dict[str, float]:
+                 bf16: bool = False, progress: bool | str = False, dims: Sequence[int] = (),
+                 prompt: str | None = None) -> dict[str, float]:
     """Spearman and Pearson correlation (x100) of cosine(sentence1, sentence2) with the gold scores; with
-    ``dims``, also Spearman on the embeddings' first d values (Matryoshka) as spearman@Dd.
+    ``dims``, also Spearman on the embeddings' first d values (Matryoshka) as spearman@Dd; ``prompt``: put before
+    every sentence (default: the model's default prompt, if any).
 
     Spearman is the headline figure (Reimers et al. 2016, "Task-Oriented Intrinsic Evaluation of
     Semantic Textual Similarity"): it only asks that more similar pairs score higher, which is
@@ -83,7 +86,8 @@ def evaluate_sts(encoder: SentenceEncoder, examples: Sequence[STSExample], batch
     """
     sentences = list(dict.fromkeys(s for e in examples for s in (e.sentence1, e.sentence2)))
     index = {s: i for i, s in enumerate(sentences)}
-    embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True, bf16=bf16, show_progress=progress)
+    embeddings = encoder.encode(sentences, batch_size=batch_size, normalize=True, bf16=bf16, show_progress=progress,
+                                prompt=prompt)
     a = embeddings[[index[e.sentence1] for e in examples]]
     b = embeddings[[index[e.sentence2] for e in examples]]
     gold = np.array([e.score for e in examples], dtype=np.float64)
@@ -102,41 +106,46 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class STSEvaluator:
     """STS correlation of one set of scored sentence pairs; Spearman is its primary metric (``dims``: also at
-    the embeddings' first d values, Matryoshka)."""
+    the embeddings' first d values, Matryoshka; ``prompts.sts``: the prompt both sentences get)."""
 
     primary = "spearman"
 
-    def __init__(self, examples: Sequence[STSExample], name: str = "sts_dev", dims: Sequence[int] = ()):
+    def __init__(self, examples: Sequence[STSExample], name: str = "sts_dev", dims: Sequence[int] = (),
+                 prompts: PromptChoice = MODELS_OWN):
         self.examples = examples
+        self.prompts = prompts
         self.name = name
         self.dims = tuple(dims)
         self.metrics = ("spearman", "pearson") + tuple(at_dim("spearman", d) for d in self.dims)
 
     def __call__(self, encoder: SentenceEncoder, *, batch_size: int = 64, bf16: bool = False,
                  progress: bool = False) -> dict[str, float]:
-        return evaluate_sts(encoder, self.examples, batch_size, bf16, progress=progress and self.name, dims=self.dims)
+        return evaluate_sts(encoder, self.examples, batch_size, bf16, progress=progress and self.name, dims=self.dims,
+                            prompt=encoder.prompt(self.prompts.sts))
 
 
 def evaluators(sets: dict[str, tuple[str, str]], root: Path | None, *, flags: dict[str, str],
                default_split: str = "dev", strict_qrels: bool = False, ignore_identical_ids: bool = False,
                column_map: dict[str, str] | None = None, hint: str | None = None,
-               dims: Sequence[int] = ()) -> list[Evaluator]:
+               dims: Sequence[int] = (), prompts: PromptChoice = MODELS_OWN) -> list[Evaluator]:
     """One evaluator per set, loaded (and checked) now: ``sets`` maps a name to (kind, spec), an STS file or a
     retrieval folder ``DIR[:SPLIT][[START:STOP]]`` (``default_split`` where it names none), looked up as given or
     under ``root``; ``flags`` names the flag of each kind in messages; ``column_map`` and ``hint``: STS files';
-    ``dims``: each also scores the embeddings' first d values (Matryoshka)."""
+    ``dims``: each also scores the embeddings' first d values (Matryoshka); ``prompts``: which prompt queries,
+    passages and STS sentences get."""
     out: list[Evaluator] = []
     for name, (kind, spec) in sets.items():
         if kind == STS:
             examples = load_sts(resolve_path(spec, root), column_map, **({"hint": hint} if hint else {}))
-            out.append(STSEvaluator(examples, name=name, dims=dims))
+            out.append(STSEvaluator(examples, name=name, dims=dims, prompts=prompts))
             continue
         if not is_retrieval_spec(spec, root):
             raise ConfigError(f"{flags[kind]} {spec}: no such retrieval folder (DIR[:SPLIT][[START:STOP]])"
                               + ("" if root else "; relative paths are also looked up under --data-dir / "
                                                  "$MNR_DATA_DIR"))
         data = load_retrieval(resolve_retrieval_spec(spec, root), default_split=default_split, strict=strict_qrels)
-        out.append(RetrievalEvaluator(data, name=name, ignore_identical_ids=ignore_identical_ids, dims=dims))
+        out.append(RetrievalEvaluator(data, name=name, ignore_identical_ids=ignore_identical_ids, dims=dims,
+                                      prompts=prompts))
     return out
 
 

@@ -31,6 +31,7 @@ from mnr.data import TrainingSet
 from mnr.errors import DataError
 from mnr.fileio import count_texts, read_records, resolve_path, text_blocks
 from mnr.model import SentenceEncoder
+from mnr.prompts import MODELS_OWN, PromptChoice
 from mnr.retrieval import encode_for_search, is_retrieval_spec, load_corpus, resolve_retrieval_spec, search, split_spec
 from mnr.settings import check_types, flag, require, setting
 
@@ -119,9 +120,10 @@ class Candidates:
 
 
 def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str], depth: int,
-         batch_size: int = 64, bf16: bool = False, progress: bool = True, dim: int | None = None) -> Candidates:
-    """Embed anchors, positives and corpus (``dim``: their first ``dim`` values); keep each anchor's ``depth``
-    best non-positive passages."""
+         batch_size: int = 64, bf16: bool = False, progress: bool = True, dim: int | None = None,
+         prompts: PromptChoice = MODELS_OWN) -> Candidates:
+    """Embed anchors, positives and corpus (``dim``: their first ``dim`` values; ``prompts``: the anchors get the
+    query's, passages the corpus's); keep each anchor's ``depth`` best non-positive passages."""
     anchors = list(dict.fromkeys(anchor for anchor, _ in rows))
     positives: dict[str, list[str]] = {}
     for anchor, positive in rows:
@@ -130,9 +132,13 @@ def rank(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequ
     position = {text: i for i, text in enumerate(corpus)}
     outside = list(dict.fromkeys(p for ps in positives.values() for p in ps if p not in position))  # to score
 
-    anchor_emb = encode_for_search(encoder, anchors, batch_size, bf16, what="anchors" if progress else "", dim=dim)
-    corpus_emb = encode_for_search(encoder, corpus, batch_size, bf16, what="corpus" if progress else "", dim=dim)
-    outside_emb = encode_for_search(encoder, outside, batch_size, bf16, dim=dim) if outside else corpus_emb[:0]
+    query, passage = encoder.prompt(prompts.query, "query"), encoder.prompt(prompts.corpus, "document")
+    anchor_emb = encode_for_search(encoder, anchors, batch_size, bf16, what="anchors" if progress else "", dim=dim,
+                                   prompt=query)
+    corpus_emb = encode_for_search(encoder, corpus, batch_size, bf16, what="corpus" if progress else "", dim=dim,
+                                   prompt=passage)
+    outside_emb = encode_for_search(encoder, outside, batch_size, bf16, dim=dim, prompt=passage) if outside \
+        else corpus_emb[:0]
     outside_index = {text: i for i, text in enumerate(outside)}
 
     def embedding(text: str) -> torch.Tensor:
@@ -190,10 +196,11 @@ def columns(num_negatives: int) -> tuple[str, ...]:
 
 def mine(encoder: SentenceEncoder, rows: Sequence[tuple[str, str]], corpus: Sequence[str],
          settings: MiningSettings, batch_size: int = 64, bf16: bool = False, progress: bool = True,
-         dim: int | None = None) -> Mined:
+         dim: int | None = None, prompts: PromptChoice = MODELS_OWN) -> Mined:
     """Mine ``settings.num_negatives`` negatives from ``corpus`` for each (anchor, positive) of ``rows``
-    (``dim``: ranked by the embeddings' first ``dim`` values)."""
-    return select(rank(encoder, rows, corpus, settings.range_max, batch_size, bf16, progress, dim), settings)
+    (``dim``: ranked by the embeddings' first ``dim`` values; ``prompts``: ``rank``'s)."""
+    return select(rank(encoder, rows, corpus, settings.range_max, batch_size, bf16, progress, dim, prompts),
+                  settings)
 
 
 def mining_corpus(spec: str | None, root: Path | None, data: TrainingSet, data_specs: Sequence[str]) -> list[str]:

@@ -6,7 +6,7 @@ load what we save, and we load what they save:
 
     modules.json                        [Transformer, Pooling(, Normalize)]
     sentence_bert_config.json           {"max_seq_length": ..., "do_lower_case": ...}
-    config_sentence_transformers.json   versions, similarity function
+    config_sentence_transformers.json   versions, similarity function, prompts (``mnr.prompts``)
     config.json, model.safetensors      the Hugging Face model
     tokenizer.json, tokenizer_config.json, ...
     1_Pooling/config.json               pooling mode
@@ -32,6 +32,7 @@ from mnr import packing
 from mnr.device import resolve_device
 from mnr.errors import ModelError
 from mnr.fileio import atomic_directory, write_json
+from mnr.prompts import DOCUMENT_NAMES, QUERY, saved
 from mnr.version import __version__
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ class SentenceEncoder(nn.Module):
         max_seq_length: texts are truncated to this many tokens, special tokens included.
         normalize: L2-normalise every embedding (sentence-transformers' Normalize module).
         lowercase: lowercase texts before tokenising (``do_lower_case`` in sentence_bert_config).
+        prompts: texts put before the texts to embed, by name (``mnr.prompts``; ``prompt`` says which applies).
+        default_prompt_name: the prompt ``encode`` applies when told none (sentence-transformers' setting).
+        include_prompt: pooling counts the prompt's tokens (else only the text's, sentence-transformers' Pooling
+            ``include_prompt=False``).
 
     The transformer is used as given. ``enable_packing()`` lets it run packed (``mnr.packing``), which
     ``load`` does where the architecture allows; ``layout`` then says how a forward is laid out (padded,
@@ -84,6 +89,9 @@ class SentenceEncoder(nn.Module):
         max_seq_length: int = 128,
         normalize: bool = False,
         lowercase: bool = False,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        include_prompt: bool = True,
     ):
         super().__init__()
         if pooling not in POOLING_MODES:
@@ -94,6 +102,9 @@ class SentenceEncoder(nn.Module):
         self.max_seq_length = max_seq_length
         self.normalize = normalize
         self.lowercase = lowercase
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self.include_prompt = include_prompt
         self.packable = False  # the architecture runs packed (enable_packing)
         self.layout = "padded"  # the setting: a layout of mnr.layout.LAYOUTS, or "auto"
         self.chosen: dict[str, layouts.Choice] = {}  # auto: "train" / "encode" -> what measuring chose
@@ -149,24 +160,31 @@ class SentenceEncoder(nn.Module):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def forward(self, id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Token id lists -> (N, D) embeddings in one forward pass: packed if possible, else padded."""
+    def forward(self, id_lists: Sequence[Sequence[int]], skip: Sequence[int] | None = None) -> torch.Tensor:
+        """Token id lists -> (N, D) embeddings in one forward pass: packed if possible, else padded. ``skip``: how
+        many first tokens of each text pooling leaves out (a prompt's, with ``include_prompt`` off)."""
         layout = self.layout_in_use
         if layout != "padded":
             hidden, mask = packing.forward_packed(self.transformer, id_lists, jagged=layout == "jagged")
-            return self.pool(hidden, mask)
+            return self.pool(hidden, mask, skip)
         batch = pad_ids(id_lists, self.pad_id)
-        return self.forward_padded(**{k: v.to(self.device) for k, v in batch.items()})
+        return self.forward_padded(**{k: v.to(self.device) for k, v in batch.items()}, skip=skip)
 
-    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       skip: Sequence[int] | None = None) -> torch.Tensor:
         """(B, T) token ids and mask -> (B, D) sentence embeddings, the classic padded way."""
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.pool(hidden, attention_mask)
+        return self.pool(hidden, attention_mask, skip)
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) token states -> (B, D). Pools bf16/fp16 states in fp32: summing 100+ of them loses digits."""
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             skip: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, T, D) token states -> (B, D), pooling each text's tokens from its ``skip``-th (default: all).
+        Pools bf16/fp16 states in fp32: summing 100+ of them loses digits."""
         if hidden.dtype in (torch.bfloat16, torch.float16):
             hidden = hidden.float()
+        if skip is not None and any(skip):  # texts start at position 0: a prompt's tokens are the first ones
+            first = torch.tensor(skip, device=attention_mask.device).unsqueeze(1)
+            attention_mask = attention_mask * (torch.arange(attention_mask.shape[1], device=first.device) >= first)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         if self.pooling == "mean":
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -210,10 +228,30 @@ class SentenceEncoder(nn.Module):
                 break
         return ids, cut
 
+    def prompt(self, name: str | None = None, role: str | None = None) -> str:
+        """The text ``encode`` puts before each text: prompt ``name`` ("" for none); without a name, the one
+        sentence-transformers applies: for ``role`` "query", ``query`` (encode_query); for "document", the first of
+        ``document``, ``passage``, ``corpus`` (encode_document); else, or where those are missing, the default
+        prompt's, if the model has one (encode)."""
+        if name is not None:
+            if name and name not in self.prompts:
+                raise ModelError(f"prompt {name!r}: {self.source or 'this model'} has "
+                                 + (f"the prompts {', '.join(self.prompts)}" if self.prompts else "no prompts"))
+            return self.prompts[name] if name else ""
+        candidates = {"query": (QUERY,), "document": DOCUMENT_NAMES}.get(role or "", ())
+        name = next((n for n in candidates if n in self.prompts), self.default_prompt_name)
+        return self.prompts.get(name, "") if name else ""
+
+    def prompt_length(self, prompt: str) -> int:
+        """How many first tokens of a text that starts with ``prompt`` are the prompt's: its tokens with the leading
+        special token, as sentence-transformers counts them for ``include_prompt=False``."""
+        ids = self.tokenize([prompt])[0]
+        return len(ids) - (bool(ids) and ids[-1] in self.tokenizer.all_special_ids)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = False,
                show_progress: bool | str = False, bf16: bool = False, max_tokens: int | None = None,
-               dim: int | None = None) -> np.ndarray:
+               dim: int | None = None, prompt: str | None = None) -> np.ndarray:
         """Embed ``texts`` -> (N, D) float32 array, in the order given.
 
         Texts are sorted by token count so each batch pads to a similar length (padding is wasted
@@ -224,7 +262,8 @@ class SentenceEncoder(nn.Module):
         ``mnr.device``); embeddings
         differ from fp32 by about 1e-4 in cosine. ``show_progress``: a progress bar (named by it, when
         it is a string) that goes when the work is done. ``dim``: the first ``dim`` values of each embedding
-        (a Matryoshka-trained model's smaller embedding; normalised after the cut).
+        (a Matryoshka-trained model's smaller embedding; normalised after the cut). ``prompt``: put before every
+        text (default: the model's default prompt, if any; "" for none; ``prompt(name, role)`` finds one).
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts; wrap a single text in a list")
@@ -232,7 +271,9 @@ class SentenceEncoder(nn.Module):
             return np.zeros((0, self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
-        ids = self.tokenize(texts)
+        prompt = self.prompt() if prompt is None else prompt
+        ids = self.tokenize([prompt + t for t in texts] if prompt else texts)
+        skip = [self.prompt_length(prompt)] * len(ids) if prompt and not self.include_prompt else None
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         device = self.device
         if max_tokens is None:
@@ -252,7 +293,7 @@ class SentenceEncoder(nn.Module):
         for start, stop in batches:
             chunk = order[start:stop]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                embeddings = self([ids[i] for i in chunk]).float()
+                embeddings = self([ids[i] for i in chunk], skip and skip[: len(chunk)]).float()
             out.index_copy_(0, packing.to_device(torch.tensor(chunk), device), embeddings)
         self.train(was_training)
         if dim:
@@ -299,7 +340,8 @@ class SentenceEncoder(nn.Module):
             settings = _read_sentence_transformers_layout(path)
         else:
             settings = {"transformer_path": path, "pooling": "mean", "normalize": False,
-                        "max_seq_length": None, "lowercase": False}
+                        "max_seq_length": None, "lowercase": False, "include_prompt": True}
+        settings |= _read_prompts(path)
         transformer_path = settings["transformer_path"]
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(transformer_path)
@@ -308,7 +350,9 @@ class SentenceEncoder(nn.Module):
             raise ModelError(f"{name_or_path}: cannot load the transformer: {e}") from None
         length = max_seq_length or settings["max_seq_length"] or _default_max_length(tokenizer, transformer)
         encoder = cls(transformer, tokenizer, pooling=pooling or settings["pooling"], max_seq_length=length,
-                      normalize=settings["normalize"], lowercase=settings["lowercase"])
+                      normalize=settings["normalize"], lowercase=settings["lowercase"], prompts=settings["prompts"],
+                      default_prompt_name=settings["default_prompt_name"],
+                      include_prompt=settings["include_prompt"])
         encoder.source = path
         encoder.enable_packing()
         encoder.set_layout(layout)
@@ -341,20 +385,21 @@ class SentenceEncoder(nn.Module):
             write_json(tmp / "config_sentence_transformers.json", {
                 "__version__": {"mnr": __version__, "transformers": transformers.__version__,
                                 "pytorch": torch.__version__},
-                "prompts": {},
-                "default_prompt_name": None,
+                "prompts": saved(self.prompts),  # with the name encode_document looks for first
+                "default_prompt_name": self.default_prompt_name,
                 "similarity_fn_name": "cosine",
                 "model_type": "SentenceTransformer",
             })
             (tmp / "1_Pooling").mkdir()
-            # The five keys every sentence-transformers release (2.0 onwards) understands.
+            # The five keys every sentence-transformers release (2.0 onwards) understands; include_prompt (2.4
+            # onwards) only where it is not the default, so that older releases still load the model.
             write_json(tmp / "1_Pooling" / "config.json", {
                 "word_embedding_dimension": self.dim,
                 "pooling_mode_cls_token": self.pooling == "cls",
                 "pooling_mode_mean_tokens": self.pooling == "mean",
                 "pooling_mode_max_tokens": self.pooling == "max",
                 "pooling_mode_mean_sqrt_len_tokens": False,
-            })
+            } | ({} if self.include_prompt else {"include_prompt": False}))
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
         return path
@@ -414,7 +459,7 @@ def _read_sentence_transformers_layout(path: Path) -> dict:
     """Settings of a sentence-transformers model directory; unsupported modules are an error."""
     modules = _read_json(path / "modules.json")
     settings = {"transformer_path": None, "pooling": "mean", "normalize": False,
-                "max_seq_length": None, "lowercase": False}
+                "max_seq_length": None, "lowercase": False, "include_prompt": True}
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         module_path = path / module.get("path", "")
@@ -427,6 +472,7 @@ def _read_sentence_transformers_layout(path: Path) -> dict:
                 settings["lowercase"] = bool(config.get("do_lower_case", False))
         elif kind == "Pooling":
             settings["pooling"] = _pooling_mode(module_path / "config.json")
+            settings["include_prompt"] = _read_json(module_path / "config.json").get("include_prompt") is not False
         elif kind == "Normalize":
             settings["normalize"] = True
         else:
@@ -437,6 +483,19 @@ def _read_sentence_transformers_layout(path: Path) -> dict:
     if settings["transformer_path"] is None:
         raise ModelError(f"{path / 'modules.json'}: no Transformer module")
     return settings
+
+
+def _read_prompts(path: Path) -> dict:
+    """The prompts and default prompt name of a model directory's config_sentence_transformers.json (none if it
+    has no such file)."""
+    file = path / "config_sentence_transformers.json"
+    config = _read_json(file) if file.exists() else {}
+    prompts, default = config.get("prompts") or {}, config.get("default_prompt_name")
+    if not (isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+        raise ModelError(f"{file}: prompts must map names to texts, got {prompts!r}")
+    if default is not None and default not in prompts:
+        raise ModelError(f"{file}: default_prompt_name {default!r} is not one of its prompts ({', '.join(prompts)})")
+    return {"prompts": prompts, "default_prompt_name": default}
 
 
 def _pooling_mode(config_file: Path) -> str:

@@ -38,6 +38,7 @@ from mnr.fileio import data_dir, write_rows
 from mnr.losses import LOSSES, Loss, Matryoshka
 from mnr.model import SentenceEncoder
 from mnr.plot import plot_runs
+from mnr.prompts import MODELS_OWN, PromptChoice, saved
 from mnr.retrieval import RetrievalEvaluator, split_spec
 from mnr.rundir import Position, RunDir
 from mnr.signals import StopNow, StopSignals
@@ -69,7 +70,9 @@ class Setup:
     objective: Loss  # the loss module (with parameters of its own for the softmax classifier)
     train_encoder: torch.nn.Module  # what a step calls: the encoder, or its DistributedDataParallel wrapper
     train_objective: torch.nn.Module  # the objective, or its wrapper when it has parameters
-    token_ids: dict[str, list[int]]  # every distinct text, tokenised once
+    token_ids: dict[str, list[int]]  # every distinct text, with its column's prompt, tokenised once
+    prompts: list[str]  # the prompt put before each column's texts ("" for none)
+    prompt_lengths: list[int] | None  # how many first tokens of each column pooling leaves out (--no-include-prompt)
     device: torch.device
     bf16: bool  # the encoder runs under bf16 autocast (config's bf16, or chosen for the device when unset)
     total_steps: int  # every epoch's batches counted (epochs can differ by a batch or two)
@@ -94,6 +97,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     dev = dev_evaluators(config, root)
     best_metric(config, dev)  # a metric the dev set does not have fails now
     data = training_data(config, root, data)
+    config.prompts.names(data.columns + (("negative",) if config.mining else ()))  # every prompt has a column
     corpus = mining.mining_corpus(config.mining.corpus, root, data, config.data.data) if config.mining else []
     rank, world_size = distributed.world()
     batches_of_epoch(data, config, 0, rank, world_size)  # fails early, before the model loads, if no full batch
@@ -106,6 +110,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
                                        max_seq_length=config.model.max_seq_length, layout=config.model.layout,
                                        device=device)
     encoder.to(device)
+    use_prompts(config, encoder)
     matryoshka_dims(config, encoder.dim)  # before mining's minutes
     mining_record = {}
     if config.mining:
@@ -114,10 +119,11 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     objective = objective_of(config, encoder.dim, world_size).to(device)
     train_encoder, train_objective = trainable(encoder, objective, world_size)
     # Re-tokenising every batch costs as much as a small model's forward on CPU: do it once.
-    texts = list(dict.fromkeys(t for row in data.rows for t in row))
+    prompts, prompt_lengths = column_prompts(config, encoder, data.columns)
+    texts = list(dict.fromkeys(prompt + t for row in data.rows for prompt, t in zip(prompts, row, strict=True)))
     ids, cut = encoder.tokenize_and_count(texts)
     token_ids = dict(zip(texts, ids, strict=True))
-    layout = training_layout(config, encoder, data, token_ids, bf16, world_size)
+    layout = training_layout(config, encoder, data, token_ids, prompts, bf16, world_size)
     if rank == 0:
         log.info("device: %s; %s (%s)", device, "bf16 autocast" if bf16 else "fp32", why)
         log.info("layout: %s", layout.describe())
@@ -126,8 +132,8 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
         if cut:
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
-    return Setup(data, dev, encoder, objective, train_encoder, train_objective, token_ids, device, bf16,
-                 total_steps, rank, world_size, layout, mining_record)
+    return Setup(data, dev, encoder, objective, train_encoder, train_objective, token_ids, prompts, prompt_lengths,
+                 device, bf16, total_steps, rank, world_size, layout, mining_record)
 
 
 def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | None) -> TrainingSet:
@@ -179,7 +185,7 @@ def trainable(encoder: SentenceEncoder, objective: Loss, world_size: int) -> tup
 
 
 def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: TrainingSet, token_ids: dict,
-                    bf16: bool, world_size: int) -> layouts.Choice:
+                    prompts: list[str], bf16: bool, world_size: int) -> layouts.Choice:
     """How the training forward is laid out (``mnr.layout``): as --layout says, or with auto on CUDA the fastest
     forward and backward of the run's first batches that agrees with padded (one process: several processes
     would have to agree, so they keep the device's default)."""
@@ -193,12 +199,37 @@ def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: Trainin
         choice = layouts.Choice(default, f"auto: {why}")
         encoder.chosen["train"] = choice
         return choice
-    texts = [[token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+    texts = [[token_ids[prompts[c] + data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
              for batch in batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]]
     chunk = config.training.mini_batch_size
     if chunk:  # gradient caching runs the encoder on chunks: measure chunks, never a whole batch
         texts = [ids[i : i + chunk] for ids in texts for i in range(0, len(ids), chunk)][: layouts.MEASURED_BATCHES]
     return encoder.choose_layout("train", texts, bf16)
+
+
+def use_prompts(config: TrainConfig, encoder: SentenceEncoder) -> None:
+    """The run's prompts become the model's (saved with it); a base model's own prompts that the run does not
+    train with are not kept: the model would be used with prompts it was not trained with."""
+    settings = config.prompts
+    own = {name: text for name, text in encoder.prompts.items() if text}  # sentence-transformers saves empty ones
+    if own and own != {name: text for name, text in saved(settings.prompts).items() if text}:
+        log.warning("the base model's prompts (%s) are not this run's%s: it trains %s and saves %s",
+                    ", ".join(f"{k}={v!r}" for k, v in own.items()),
+                    "" if settings.prompts else " (--prompts)", "with --prompts" if settings.prompts else
+                    "on the texts as they are", "the run's" if settings.prompts else "no prompts")
+    encoder.prompts, encoder.include_prompt = dict(settings.prompts), settings.include_prompt
+    if encoder.default_prompt_name not in encoder.prompts:
+        encoder.default_prompt_name = None
+
+
+def column_prompts(config: TrainConfig, encoder: SentenceEncoder, columns: tuple[str, ...]
+                   ) -> tuple[list[str], list[int] | None]:
+    """The prompt before each column's texts ("" for none) and, with --no-include-prompt, how many first tokens of
+    each column's texts pooling leaves out (None: every token counts)."""
+    prompts = [encoder.prompt(name) for name in config.prompts.names(columns)]
+    if encoder.include_prompt or not any(prompts):
+        return prompts, None
+    return prompts, [encoder.prompt_length(p) if p else 0 for p in prompts]
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder,
@@ -213,7 +244,8 @@ def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], en
     log.info("mining %d negatives for %s rows from %s passages with %s", settings.num_negatives, f"{len(data):,}",
              f"{len(corpus):,}", settings.model or "the base model")
     candidates = mining.rank(miner, [(a, p) for a, p in data.rows], corpus, settings.range_max, bf16=bf16,
-                             progress=progress)
+                             progress=progress,  # another model (--mine-model) with its own prompts, if any
+                             prompts=PromptChoice.of_run(config.prompts) if miner is encoder else MODELS_OWN)
     mined = mining.select(candidates, settings)
     if not mined.rows:
         raise DataError(f"--mine-negatives: no row found {settings.num_negatives} negatives that pass the filters; "
@@ -234,7 +266,8 @@ def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
     """The dev sets the config names, loaded (and checked) now; the one best/ is chosen by first."""
     dev = evaluators(config.eval.dev_sets(), root, flags={"sts": "--sts-dev", RETRIEVAL: "--ir-dev"},
                      default_split="dev", strict_qrels=config.data.strict_qrels,
-                     ignore_identical_ids=config.eval.ignore_identical_ids, dims=config.matryoshka.matryoshka_dims)
+                     ignore_identical_ids=config.eval.ignore_identical_ids, dims=config.matryoshka.matryoshka_dims,
+                     prompts=PromptChoice.of_run(config.prompts))
     chosen = config.eval.best()[0]
     return sorted(dev, key=lambda e: e.name != chosen) if chosen else dev
 

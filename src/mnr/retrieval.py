@@ -42,6 +42,7 @@ import torch
 from mnr.errors import DataError
 from mnr.fileio import HUB_PREFIX, format_of, not_utf8, open_text, read_records
 from mnr.model import SentenceEncoder
+from mnr.prompts import MODELS_OWN, PromptChoice
 
 log = logging.getLogger(__name__)
 # The metrics mnr eval --retrieval prints, in this order; the first is the headline one (trec_eval
@@ -241,11 +242,11 @@ def retrieval_table(results: dict[str, dict[str, dict[str, float]]], metrics: di
 
 
 def encode_for_search(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int, bf16: bool,
-                      what: str = "", dim: int | None = None) -> torch.Tensor:
-    """Normalised (N, D) embeddings for cosine search (``dim``: the first ``dim`` values, renormalised);
-    ``what`` names a progress bar (none without it)."""
+                      what: str = "", dim: int | None = None, prompt: str | None = None) -> torch.Tensor:
+    """Normalised (N, D) embeddings for cosine search (``dim``: the first ``dim`` values, renormalised; ``prompt``:
+    put before each text, ``SentenceEncoder.encode``'s); ``what`` names a progress bar (none without it)."""
     return torch.from_numpy(encoder.encode(texts, batch_size=batch_size, normalize=True, bf16=bf16,
-                                           show_progress=what or False, dim=dim))
+                                           show_progress=what or False, dim=dim, prompt=prompt))
 
 
 def at_dim(metric: str, dim: int) -> str:
@@ -260,13 +261,16 @@ class RetrievalEvaluator:
     by this very model (``reuse``: mining's, before the first step); search runs where the encoder is.
     ``ignore_identical_ids`` leaves a passage whose id is the query's own out of that query's ranking
     (MTEB's rule for sets whose queries are themselves passages: argument retrieval, duplicate questions).
+    ``prompts``: the prompt queries and passages get (default: those sentence-transformers' encode_query and
+    encode_document apply, if the model has them).
     """
 
     primary = "ndcg@10"
 
     def __init__(self, data: RetrievalSet, name: str = "ir_dev", ignore_identical_ids: bool = False,
-                 dims: Sequence[int] = ()):
+                 dims: Sequence[int] = (), prompts: PromptChoice = MODELS_OWN):
         self.data = data
+        self.prompts = prompts
         self.name = name
         self.ignore_identical_ids = ignore_identical_ids
         self.dims = tuple(dims)  # also the headline metric on the embeddings' first d values (Matryoshka): NDCG@10@Dd
@@ -300,10 +304,12 @@ class RetrievalEvaluator:
                passages: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The judged queries' embeddings and the corpus's (``passages``, when the caller has them)."""
         queries = encode_for_search(encoder, [self.data.queries[q] for q in self.data.qrels], batch_size, bf16,
-                                    what=progress and f"{self.name}: queries")
+                                    what=progress and f"{self.name}: queries",
+                                    prompt=encoder.prompt(self.prompts.query, "query"))
         if passages is None:
             passages = encode_for_search(encoder, self.data.passages, batch_size, bf16,
-                                         what=progress and f"{self.name}: corpus")
+                                         what=progress and f"{self.name}: corpus",
+                                         prompt=encoder.prompt(self.prompts.corpus, "document"))
         elif passages.shape != (len(self.data.passages), encoder.dim):
             raise ValueError(f"passages: expected ({len(self.data.passages)}, {encoder.dim}) embeddings of the corpus, "
                              f"got {tuple(passages.shape)}")

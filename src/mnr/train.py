@@ -87,9 +87,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.Tensor:
     """Loss of the rows ``batch`` and its gradients (averaged over processes); returns the loss, the
     mean over processes, as a 0-dim tensor on the device (reading it waits for the GPU)."""
-    data = s.data
+    data, prompts = s.data, s.prompts
     # every column in one forward pass (bigger matrix products), column-major: (C·B, D) -> C x (B, D)
-    ids = [s.token_ids[data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+    ids = [s.token_ids[prompts[c] + data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+    skip = [s.prompt_lengths[c] for c in range(len(data.columns)) for _ in batch] if s.prompt_lengths else None
     labels = (to_device(torch.tensor([data.labels[i] for i in batch]), s.device) if data.labels is not None
               else None)
 
@@ -98,10 +99,10 @@ def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.T
 
     chunk = config.training.mini_batch_size
     if chunk:  # embeddings without activations; the encoder's backward comes after the loss's
-        embeddings, replay = cache.embed_without_graph(s.train_encoder, ids, chunk, autocast, s.device)
+        embeddings, replay = cache.embed_without_graph(s.train_encoder, ids, chunk, autocast, s.device, skip)
     else:
         with autocast():
-            embeddings = s.train_encoder(ids)
+            embeddings = s.train_encoder(ids, skip)
     loss = s.train_objective(list(embeddings.split(len(batch))), labels)  # fp32 (pooling returns fp32)
     loss.backward()
     if chunk:
