@@ -270,3 +270,17 @@ def test_a_base_models_own_prompts_are_not_kept_unless_the_run_trains_with_them(
     encoder.prompts = {"query": "", "document": ""}
     run(encoder.save(tmp_path / "empty"), pairs, tmp_path / "again")
     assert "base model's prompts" not in caplog.text
+
+
+def test_prompt_flags_add_up_and_a_text_may_hold_equals_signs():
+    import argparse
+
+    from mnr.prompts import PromptSettings
+    from mnr.settings import add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, PromptSettings)
+    args = parser.parse_args(["--prompts", "query=q = ", "passage=p: ", "--prompts", "query=query: "])
+    assert args.prompts == {"query": "query: ", "passage": "p: "}  # a name given again: its last text
+    assert parser.parse_args(["--prompts", "x=a=b"]).prompts == {"x": "a=b"}
+    assert parser.parse_args([]).prompts is None  # not given: the config file's, else the default
