@@ -23,6 +23,7 @@ from mnr.config import TrainConfig
 from mnr.data import TrainingSet
 from mnr.fileio import HUB_PREFIX, parse_hub_spec
 from mnr.mine import MiningSettings
+from mnr.prompts import PromptChoice
 from mnr.version import __version__
 
 POOLING_WORDS = {"mean": "mean of the token embeddings", "cls": "the first ([CLS]) token's embedding",
@@ -191,9 +192,8 @@ def _prompts(facts: RunFacts) -> list[str]:
     settings = facts.config.prompts
     if not settings.prompts:
         return []
-    by_column = settings.by_column()
-    query = by_column.get("anchor", by_column.get("premise"))
-    document = by_column.get("positive", by_column.get("hypothesis"))
+    by_column, sides = settings.by_column(), PromptChoice.of_run(settings)  # what queries and passages get
+    query, document = sides.query, sides.corpus
     lines = ["### Prompts", "",
              "Trained with prompts before the texts of its columns (" + "; ".join(
                  f"{column}: `{name}`, {settings.prompts[name]!r}" for column, name in by_column.items()) + "), "

@@ -471,8 +471,9 @@ def _read_sentence_transformers_layout(path: Path) -> dict:
                 settings["max_seq_length"] = config.get("max_seq_length")
                 settings["lowercase"] = bool(config.get("do_lower_case", False))
         elif kind == "Pooling":
-            settings["pooling"] = _pooling_mode(module_path / "config.json")
-            settings["include_prompt"] = _read_json(module_path / "config.json").get("include_prompt") is not False
+            pooling = _read_json(module_path / "config.json")
+            settings["pooling"] = _pooling_mode(pooling, module_path / "config.json")
+            settings["include_prompt"] = pooling.get("include_prompt") is not False
         elif kind == "Normalize":
             settings["normalize"] = True
         else:
@@ -498,9 +499,9 @@ def _read_prompts(path: Path) -> dict:
     return {"prompts": prompts, "default_prompt_name": default}
 
 
-def _pooling_mode(config_file: Path) -> str:
-    """Read a Pooling config in either the classic (pooling_mode_*_tokens) or newer format."""
-    config = _read_json(config_file)
+def _pooling_mode(config: dict, config_file: Path) -> str:
+    """The mode of a Pooling config (``config_file``, read) in either the classic (pooling_mode_*_tokens) or newer
+    format."""
     if "pooling_mode" in config:
         modes = [config["pooling_mode"]] if isinstance(config["pooling_mode"], str) else config["pooling_mode"]
         modes = ["mean" if m == "mean_tokens" else m for m in modes]
