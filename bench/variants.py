@@ -1,10 +1,13 @@
 """A shipped recipe and its variants, scored at each embedding size (its first d values, renormalised): Matryoshka
-(equal weights, or the full size weighted up), query/passage prompts, and sentence-transformers'
-MatryoshkaLoss(MultipleNegativesRankingLoss) trained on the rows of mnr's Matryoshka run with the recipe's settings.
+(equal weights, or the full size weighted up), query/passage prompts, a guide against false negatives (--guide, the
+base model), and sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss) or GISTEmbedLoss trained on the
+rows of the matching mnr run with the recipe's settings.
 
     python -m bench.variants --task scifact --variants recipe prompts --seeds 0 1 2          # dev: choose
     python -m bench.variants --task scifact --variants recipe matryoshka st --seeds 0 1 2 --test   # report once
     python -m bench.variants --task nli --variants recipe matryoshka st --seeds 0 1 2 --test
+    python -m bench.variants --task scifact --variants recipe matryoshka-full st-full --seeds 1 2 --test
+    python -m bench.variants --task nli --variants recipe guide st-gist --seeds 0 1 2 --test
 
 Tasks: scifact (configs/scifact.toml; NDCG@10 on SciFact train[:100] as dev, its test queries as test) and nli
 (configs/best-nli.toml; Spearman on STSb dev and test). Each (task, variant, seed) is kept in
@@ -38,7 +41,14 @@ VARIANTS = {
                         {"matryoshka_dims": DIMS, "matryoshka_weights": [4.0, 2.0, 1.0, 1.0, 1.0]}),
     "prompts": ("the recipe + --prompts query='query: ' passage='passage: '", {"prompts": PROMPTS}),
     "st": ("sentence-transformers MatryoshkaLoss(MNR), the Matryoshka run's rows", {"matryoshka_dims": DIMS}),
+    "st-full": ("sentence-transformers MatryoshkaLoss(MNR), weights 4 2 1 1 1, that run's rows",
+                {"matryoshka_dims": DIMS, "matryoshka_weights": [4.0, 2.0, 1.0, 1.0, 1.0]}),
+    "guide": ("the recipe + --guide (the base model)", {"guide": "BASE"}),
+    "st-gist": ("sentence-transformers GISTEmbedLoss, the same guide, that run's rows",
+                {"guide": "BASE"}),
 }
+# a sentence-transformers variant -> the mnr run whose rows it trains on (run in the same call, same seed)
+ST_ROWS = {"st": "matryoshka", "st-full": "matryoshka-full", "st-gist": "guide"}
 
 
 @dataclass
@@ -79,8 +89,10 @@ def scores(task: Task, model_dir: str, splits: list[str], data_dir: str) -> dict
 def config_of(task: Task, variant: str, seed: int, data_dir: str, bf16: bool, **values):
     from mnr.config import TrainConfig
 
+    recipe = TrainConfig.from_sources(str(ROOT / "configs" / task.config))
+    settings = {k: recipe.model.model if v == "BASE" else v for k, v in VARIANTS[variant][1].items()}
     return TrainConfig.from_sources(str(ROOT / "configs" / task.config), data_dir=data_dir, seed=seed, bf16=bf16,
-                                    **VARIANTS[variant][1], **values)
+                                    **settings, **values)
 
 
 def train_mnr(config) -> tuple[dict, Path]:
@@ -93,10 +105,8 @@ def train_mnr(config) -> tuple[dict, Path]:
 
 
 def train_st(config, run: Path, workdir: Path) -> tuple[dict, Path]:
-    """sentence-transformers on the rows mnr's Matryoshka run trained on (its mined.jsonl where it mined, else its
-    data), with the same settings and precision; its final model (mnr's is best/ by the dev set)."""
-    from sentence_transformers import losses
-
+    """sentence-transformers on the rows mnr's run trained on (its mined.jsonl where it mined, else its data), with
+    the same settings and precision; its final model (mnr's is best/ by the dev set)."""
     from bench.st import train_st as train_with_st
     from mnr.data import load_training_set
 
@@ -105,18 +115,35 @@ def train_st(config, run: Path, workdir: Path) -> tuple[dict, Path]:
     else:
         rows = load_training_set(config.data.data, root=Path(config.data.data_dir),
                                  hard_negatives=config.data.hard_negatives)
-    model, measured = train_with_st(config, rows, workdir, bf16=config.training.bf16,
-                                    wrap=lambda st, loss: losses.MatryoshkaLoss(st, loss, matryoshka_dims=DIMS))
+    model, measured = train_with_st(config, rows, workdir, bf16=config.training.bf16, wrap=st_loss(config))
     model.save(str(workdir / "st-final"))
     return {"model": "final", "train_seconds": measured["seconds"], "rows": measured["rows"],
             "rows_per_s": measured["rows"] / measured["seconds"], "bf16": config.training.bf16}, workdir / "st-final"
+
+
+def st_loss(config):
+    """sentence-transformers' loss for the mnr settings of ``config``: GISTEmbedLoss with its guide (ranking each
+    anchor against the same candidates as mnr: positives and negatives, not the other anchors or positives as
+    extra columns; the same temperature), or MatryoshkaLoss around MNR."""
+    from sentence_transformers import SentenceTransformer, losses
+
+    from mnr.model import resolve_model_path
+
+    if config.guide.guide:
+        guide = SentenceTransformer(str(resolve_model_path(config.guide.guide)), device="cpu")
+        return lambda st, loss: losses.GISTEmbedLoss(
+            st, guide, temperature=1 / config.loss.scale, margin_strategy=config.guide.guide_margin_strategy,
+            margin=config.guide.guide_margin, contrast_anchors=False, contrast_positives=False)
+    weights = config.matryoshka.matryoshka_weights or None
+    return lambda st, loss: losses.MatryoshkaLoss(st, loss, matryoshka_dims=DIMS, matryoshka_weights=weights)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=list(TASKS), default="scifact")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["recipe", "matryoshka"],
-                        help="st trains on the rows of this seed's matryoshka run (run in the same call)")
+                        help="st, st-full and st-gist train on the rows of this seed's matryoshka, "
+                             "matryoshka-full and guide run, run in the same call")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test", action="store_true", help="also score each run's best/ on the test split")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -135,9 +162,9 @@ def main() -> None:
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
                 workdir = Path(tmp) / variant
-                if variant == "st":
-                    entry, model = train_st(config_of(task, "st", seed, args.data_dir, bf16),
-                                            Path(tmp) / "matryoshka" / "run", workdir)
+                if variant in ST_ROWS:
+                    entry, model = train_st(config_of(task, variant, seed, args.data_dir, bf16),
+                                            Path(tmp) / ST_ROWS[variant] / "run", workdir)
                 else:
                     entry, model = train_mnr(config_of(task, variant, seed, args.data_dir, bf16,
                                                        output=str(workdir / "run")))

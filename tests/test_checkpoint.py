@@ -87,6 +87,14 @@ def wait_for_step(output: Path, step: int, process: subprocess.Popen) -> None:
     raise TimeoutError(f"step {step} not reached")
 
 
+def stop_at(step: int, argv: list[str]) -> None:
+    """Run ``argv`` (slowed) until it logs ``step``, then stop it with SIGTERM: it leaves a checkpoint."""
+    process = spawn(SLOW, argv)
+    wait_for_step(Path(argv[argv.index("--output") + 1]), step, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.communicate(timeout=120) and process.returncode == 143
+
+
 def weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(output / "final" / "model.safetensors")
 
@@ -146,10 +154,7 @@ def test_a_run_that_mines_its_negatives_resumes_to_the_same_weights(tiny_model_d
     whole = run_to_end(SLOW, args(tiny_model_dir, pairs, tmp_path / "whole", *mining))
     assert whole.returncode == 0, whole.stderr[-2000:]
     output = tmp_path / "stopped"
-    process = spawn(SLOW, args(tiny_model_dir, pairs, output, *mining))
-    wait_for_step(output, 4, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.communicate(timeout=120) and process.returncode == 143
+    stop_at(4, args(tiny_model_dir, pairs, output, *mining))
     resumed = run_to_end(SLOW, args(tiny_model_dir, pairs, output, *mining, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr

@@ -95,6 +95,8 @@ SETTINGS = {
     "matryoshka": {"hard_negatives": True, "matryoshka_dims": [32, 16, 8], "matryoshka_weights": [1.0, 0.5, 2.0]},
     "prompts": {"hard_negatives": True, "prompts": {"query": "query: ", "passage": "passage: "},
                 "include_prompt": False},
+    # the guide: the trained model's own weights; masks over the gathered candidates, both directions
+    "guide": {"hard_negatives": True, "symmetric": True, "guide": "the model", "guide_margin": 0.02},
 }
 # fp32: equal up to summation order. bf16 autocast (as a CPU with native bf16 or a GPU trains): the two
 # sides multiply different blocks of rows, each rounded to bf16's 8 bits of mantissa, so gradients are
@@ -110,6 +112,7 @@ def test_two_processes_equal_one(no_dropout_model, nli_file, triplets, tmp_path,
     settings = SETTINGS[case]
     data = str(triplets) if settings.get("hard_negatives") else str(nli_file)
     settings = {k_: v for k_, v in settings.items() if k_ != "hard_negatives"}  # triplets come from the file
+    settings |= {"guide": str(no_dropout_model)} if "guide" in settings else {}
     common = {"model": str(no_dropout_model), "data": [data], "output": "unused", "max_seq_length": 32,
               "bf16": PRECISIONS[precision], **settings}
 

@@ -278,6 +278,7 @@ def _training_rows(facts: RunFacts) -> list[str]:
            "each embedding" + (f", weights {', '.join(f'{w:g}' for w in matryoshka.matryoshka_weights)}"
                                if matryoshka.matryoshka_weights else "") + " |"]
           if matryoshka.matryoshka_dims else []),
+        *([f"| guide | {config.guide.describe()} (likely false negatives; GISTEmbed) |"] if config.guide.guide else []),
         f"| batch | {training.batch_size} rows per step" + (f" and process ({training.batch_size * facts.processes} "
                                                               "in all)" if facts.processes > 1 else "") +
         (f", embedded {training.mini_batch_size} texts at a time (gradient caching)" if training.mini_batch_size

@@ -20,6 +20,7 @@ from mnr.data import RANKING
 from mnr.device import check_device_name
 from mnr.errors import ConfigError
 from mnr.fileio import short_name
+from mnr.guide import GuideSettings
 from mnr.losses import LOSSES, MatryoshkaSettings
 from mnr.mine import MiningSettings
 from mnr.model import POOLING_MODES
@@ -185,7 +186,7 @@ class RunSettings:
 
 # attribute of TrainConfig -> its group of settings, whose fields are keys as they are named
 GROUPS = {"model": ModelSettings, "data": DataSettings, "prompts": PromptSettings, "training": TrainingSettings,
-          "matryoshka": MatryoshkaSettings, "eval": EvalSettings, "run": RunSettings}
+          "matryoshka": MatryoshkaSettings, "guide": GuideSettings, "eval": EvalSettings, "run": RunSettings}
 # mnr train reads mining's settings as mine_ keys; the count is --mine-negatives, 0 for no mining
 MINING_KEYS = {f.name: "mine_negatives" if f.name == "num_negatives" else f"mine_{f.name}"
                for f in dataclasses.fields(MiningSettings)}
@@ -212,7 +213,8 @@ def defaults() -> dict:
 
 class TrainConfig:
     """The settings of one run, by group: ``model``, ``data``, ``training``, ``eval``, ``run`` (this module's),
-    ``prompts`` (``mnr.prompts.PromptSettings``), ``matryoshka`` (``mnr.losses.MatryoshkaSettings``),
+    ``prompts`` (``mnr.prompts.PromptSettings``), ``matryoshka`` (``mnr.losses.MatryoshkaSettings``), ``guide``
+    (``mnr.guide.GuideSettings``),
     ``mining`` (``mnr.mine.MiningSettings``; None without --mine-negatives) and ``loss`` (the chosen loss's own
     ``Settings``). Made from flat keys: ``TrainConfig(lr=3e-5, symmetric=True)``."""
 
@@ -224,7 +226,7 @@ class TrainConfig:
                 raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(known))})")
             where, f = known[key]
             given.setdefault(where, {})[f.name] = value
-        self.model, self.data, self.prompts, self.training, self.matryoshka, self.eval, self.run = (
+        self.model, self.data, self.prompts, self.training, self.matryoshka, self.guide, self.eval, self.run = (
             group(**given.get(name, {})) for name, group in GROUPS.items())
         self.loss = self._loss_settings(given.get("loss", {}))
         self.mining = self._mining_settings(given.get("mining", {}))
@@ -236,6 +238,9 @@ class TrainConfig:
         if self.matryoshka.matryoshka_dims and not on:
             raise ConfigError(f"--matryoshka-dims: --loss {self.training.loss}'s classifier takes the whole embedding; "
                               "Matryoshka training needs a ranking loss (e.g. mnr)")
+        if self.guide.guide and not getattr(LOSSES[self.training.loss], "excludes", False):
+            raise ConfigError(f"--guide: --loss {self.training.loss} has no in-batch candidates to leave out; the "
+                              "guide needs a ranking loss (e.g. mnr)")
         if self.mining and self.run.nproc > 1:
             raise ConfigError("--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its "
                               "file")

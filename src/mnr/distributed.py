@@ -104,6 +104,16 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor))
 
 
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each of W processes (the same shape) -> (W·B, ...), rank order, without gradient."""
+    _, size = world()
+    if size == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
 def mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar over all processes (itself when not distributed)."""
     _, size = world()

@@ -42,6 +42,18 @@ class Loss(Protocol):
 
     def __call__(self, columns: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor: ...
 
+    # A ranking loss can also take ``exclude=Excluded(...)``: candidates left out of each anchor's softmax (--guide).
+    # It says so with ``excludes = True``; the trainer passes ``exclude`` only to such a loss, and only with --guide.
+
+
+@dataclass
+class Excluded:
+    """Candidates left out of a ranking loss's softmax (True: left out), e.g. the likely false negatives a guide model
+    finds (``mnr.guide``). Laid out as ``MultipleNegativesRankingLoss`` lays out its scores."""
+
+    candidates: torch.Tensor  # (B, W·B·(1+N)): anchor i against [positives of every process, negatives_1, ...]
+    anchors: torch.Tensor  # (B, W·B): positive i against the anchors of every process (--symmetric's direction)
+
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, D), (M, D) -> (N, M) cosine similarities."""
@@ -86,6 +98,8 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     Inputs:
         columns: [anchors (B, D), positives (B, D), negatives (B, D) ...]; labels: ignored.
+        exclude: an ``Excluded`` (or None): candidates left out of an anchor's softmax (and anchors left out of a
+            positive's, with ``symmetric``), as a guide model's likely false negatives; never the row's own pair.
 
     References:
         Henderson et al. 2017, "Efficient Natural Language Response Suggestion for Smart Reply"
@@ -95,6 +109,7 @@ class MultipleNegativesRankingLoss(nn.Module):
     input = RANKING
     in_batch_negatives = True
     cacheable = True
+    excludes = True  # takes exclude=Excluded(...): candidates left out of each anchor's softmax
     Settings = MNRSettings
 
     def __init__(self, scale: float = 20.0, symmetric: bool = False, gather: bool = False):
@@ -109,7 +124,8 @@ class MultipleNegativesRankingLoss(nn.Module):
     def from_settings(cls, settings: MNRSettings, dim: int, processes: int) -> MultipleNegativesRankingLoss:
         return cls(scale=settings.scale, symmetric=settings.symmetric, gather=processes > 1)
 
-    def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None,
+                exclude: Excluded | None = None) -> torch.Tensor:
         if len(columns) < 2:
             raise ValueError(f"MNR needs anchors and positives (at least 2 columns), got {len(columns)}")
         anchors, positives = columns[0], columns[1]
@@ -121,11 +137,15 @@ class MultipleNegativesRankingLoss(nn.Module):
             candidate_columns, all_anchors = columns[1:], anchors
         candidates = torch.cat(candidate_columns)  # (W·B·(1+N), D): positives of every process, then negatives
         scores = cosine_matrix(anchors, candidates) * self.scale  # (B, W·B·(1+N))
+        if exclude is not None:
+            scores = scores.masked_fill(exclude.candidates, -math.inf)
         # anchor i of process r <-> its positive, row r·B + i of the gathered positives
         target = rank * len(anchors) + torch.arange(len(anchors), device=anchors.device)
         loss = F.cross_entropy(scores, target)
         if self.symmetric:  # (B, W·B): each positive against every anchor of the global batch
             backward = cosine_matrix(positives, all_anchors) * self.scale
+            if exclude is not None:
+                backward = backward.masked_fill(exclude.anchors, -math.inf)
             loss = (loss + F.cross_entropy(backward, target)) / 2
         return loss
 
@@ -210,8 +230,13 @@ class Matryoshka(nn.Module):
         self.dims = list(dims)
         self.weights = list(weights) if weights else [1.0] * len(self.dims)
 
-    def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
-        return sum(weight * self.loss([c[:, :d] for c in columns], labels)
+    @property
+    def excludes(self) -> bool:
+        return getattr(self.loss, "excludes", False)
+
+    def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None, **given) -> torch.Tensor:
+        """``given``: what the wrapped loss takes besides (e.g. ``exclude``), the same at every d."""
+        return sum(weight * self.loss([c[:, :d] for c in columns], labels, **given)
                    for d, weight in zip(self.dims, self.weights, strict=True))
 
 

@@ -35,6 +35,7 @@ from mnr.dropout import use_fast_dropout
 from mnr.errors import ConfigError, DataError, Stopped, TrainingError
 from mnr.evaluate import RETRIEVAL, Evaluator, evaluators
 from mnr.fileio import data_dir, write_rows
+from mnr.guide import Guide, load_guide
 from mnr.losses import LOSSES, Loss, Matryoshka
 from mnr.model import SentenceEncoder
 from mnr.plot import plot_runs
@@ -80,6 +81,7 @@ class Setup:
     world_size: int
     layout: layouts.Choice  # how the training forward is laid out, and why
     mining: dict = field(default_factory=dict)  # --mine-negatives: what mining kept and left out (logged)
+    guide: Guide | None = None  # --guide: its embeddings of the training texts, and the candidates it leaves out
 
 
 def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
@@ -112,9 +114,12 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     encoder.to(device)
     use_prompts(config, encoder)
     matryoshka_dims(config, encoder.dim)  # before mining's minutes
+    guide_model = load_guide(config.guide, device)  # likewise: a guide that does not load fails now
     mining_record = {}
     if config.mining:
         data, mining_record = mine_negatives(config, data, corpus, encoder, dev, bf16, progress)
+    guide = Guide.embed(guide_model, config.guide, data, device, bf16, world_size, progress) if guide_model else None
+    del guide_model  # its embeddings are all a run needs of it
     total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
     objective = objective_of(config, encoder.dim, world_size).to(device)
     train_encoder, train_objective = trainable(encoder, objective, world_size)
@@ -133,7 +138,7 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
     return Setup(data, dev, encoder, objective, train_encoder, train_objective, token_ids, prompts, prompt_lengths,
-                 device, bf16, total_steps, rank, world_size, layout, mining_record)
+                 device, bf16, total_steps, rank, world_size, layout, mining_record, guide)
 
 
 def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | None) -> TrainingSet:
@@ -359,14 +364,17 @@ class Run:
     def log_losses(self, losses: list[tuple[int, int, torch.Tensor, float]]) -> None:
         """Log (step, epoch, loss, lr) of the steps since the last read; stop at the first loss that is not finite
         (before anything is evaluated or saved: a bad step is never kept)."""
-        values = torch.stack([loss for _, _, loss, _ in losses]).tolist()
-        for (step, epoch, _, lr), value in zip(losses, values, strict=True):
+        guided = self.setup.guide.read() if self.setup.guide else []  # per step: the candidates it left out
+        read = torch.stack([loss for _, _, loss, _ in losses] + guided).tolist()  # one wait for the device
+        values, left_out = read[: len(losses)], read[len(losses):] or [None] * len(losses)
+        for (step, epoch, _, lr), value, fraction in zip(losses, values, left_out, strict=True):
             if not math.isfinite(value):
                 last = self.dir.latest_checkpoint(quiet=True)
                 raise TrainingError(f"step {step}: the loss is not finite; lower --lr or check the data. "
                                     f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}")
             if self.main:
-                self.dir.record({"step": step, "epoch": epoch, "loss": value, "lr": lr})
+                self.dir.record({"step": step, "epoch": epoch, "loss": value, "lr": lr}
+                                | ({"guide_left_out": fraction} if fraction is not None else {}))
         self.recent = (self.recent + values)[-50:]
         self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}",
                              rows_per_s=f"{self.position.rows / self.position.train_seconds:.1f}", refresh=False)
@@ -474,6 +482,12 @@ def run_summary(run: RunDir, config: TrainConfig, position: Position, best: tupl
         summary |= {"best": str(run.path / "best"), "best_metric": " ".join(best),
                     "best_score": round(position.best_score, 2), "best_step": position.best_step,
                     "base_score": round(base[best[0]][best[1]], 2) if base else None}
+    if config.guide.guide:  # the mean, over the steps, of the share of each anchor's candidates the guide left out
+        left_out = [e["guide_left_out"] for e in run.read_log() if "guide_left_out" in e]
+        summary["guide_left_out"] = round(sum(left_out) / max(1, len(left_out)), 4)
+        if summary["guide_left_out"] > 0.5:
+            log.warning("the guide left out %.0f%% of the in-batch candidates: the loss learns little from so few; "
+                        "lower --guide-margin", 100 * summary["guide_left_out"])
     models = [config.model.model, summary["final"]] + ([summary["best"]] if "best" in summary else [])
     # the dev sets' own files, for a table of every model on them (retrieval: the folders' test split)
     sts_dev, ir_dev = config.eval.sts_dev, config.eval.ir_dev

@@ -103,7 +103,8 @@ def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.T
     else:
         with autocast():
             embeddings = s.train_encoder(ids, skip)
-    loss = s.train_objective(list(embeddings.split(len(batch))), labels)  # fp32 (pooling returns fp32)
+    given = {"exclude": s.guide.exclude(batch)} if s.guide else {}  # --guide: likely false negatives left out
+    loss = s.train_objective(list(embeddings.split(len(batch))), labels, **given)  # fp32 (pooling returns fp32)
     loss.backward()
     if chunk:
         cache.replay_with_gradients(s.train_encoder, replay, embeddings.grad, autocast)

@@ -1,0 +1,141 @@
+"""A guide model against false negatives (GISTEmbed: Solatorio 2024, arXiv:2402.16829; sentence-transformers'
+GISTEmbedLoss).
+
+MNR ranks each anchor's positive above every other candidate of its batch, so another row's positive that also
+answers this anchor (a duplicate question, a second relevant passage) is pushed away from it. A guide, any model mnr
+loads (the base model, a first run's best/, a larger model), scores each anchor against the batch's candidates; a
+candidate it scores above the anchor's own positive, less a margin, is left out of that anchor's softmax.
+
+The guide embeds every distinct training text once per run, before the first step (anchors as queries, the other
+columns as documents, each with the guide's own prompts), and keeps the embeddings on the run's device: a step
+only looks its rows up. Its masks follow the loss's candidates across processes (each process gathers the guide
+embeddings of the others' rows, as the loss gathers their embeddings), so they compose with hard negatives,
+gradient caching, Matryoshka and DistributedDataParallel alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mnr import distributed
+from mnr.data import TrainingSet
+from mnr.errors import ModelError
+from mnr.losses import Excluded
+from mnr.model import SentenceEncoder
+from mnr.settings import check_types, require, setting
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("absolute", "relative")
+
+
+@dataclass
+class GuideSettings:
+    guide: str = setting("", "a model (a folder or a hub name) that scores each anchor against its batch's candidates: "
+                             "a candidate it scores above the anchor's positive, less --guide-margin, is left out of "
+                             "that anchor's softmax as a likely false negative (GISTEmbed); e.g. the base model or a "
+                             "first run's best/. It embeds each distinct training text once per run (default: none)",
+                         weights=True, metavar="MODEL")
+    guide_margin: float = setting(0.0, "how far below the positive's guide score a candidate may score and still be "
+                                       "left out: absolute, in cosine (0: only candidates the guide scores above the "
+                                       "positive), or relative, a fraction of the positive's score "
+                                       "(--guide-margin-strategy)", weights=True)
+    guide_margin_strategy: str = setting("absolute", "absolute: left out above (positive's score - margin); "
+                                                     "relative: above (positive's score - |positive's score| x margin)",
+                                         weights=True)
+
+    def __post_init__(self):
+        check_types(self)
+        require(self, "guide_margin", math.isfinite(self.guide_margin) and self.guide_margin >= 0,
+                "must be a number >= 0")
+        require(self, "guide_margin_strategy", self.guide_margin_strategy in STRATEGIES,
+                f"must be one of {', '.join(STRATEGIES)}")
+
+    def describe(self) -> str:
+        """The guide and its rule, for logs and the model card."""
+        margin = self.guide_margin
+        rule = ("the positive's score" if not margin else
+                f"the positive's score - {margin:g}" if self.guide_margin_strategy == "absolute" else
+                f"the positive's score - {margin:g} x |the positive's score|")
+        return f"`{self.guide}` leaves out of each anchor's softmax the candidates it scores above {rule}"
+
+
+def load_guide(settings: GuideSettings, device: torch.device) -> SentenceEncoder | None:
+    """--guide, loaded (before any work: a guide that does not load fails the run before mining and training)."""
+    if not settings.guide:
+        return None
+    try:
+        return SentenceEncoder.load(settings.guide, device=device)
+    except (ModelError, OSError) as e:
+        raise ModelError(f"--guide {settings.guide}: {e}") from None
+
+
+class Guide:
+    """The guide's embeddings of every text of the training rows, and the candidates they leave out of a batch.
+
+    ``embeddings``: (T, G) normalised, on the run's device; ``ids``: (rows, columns) -> the row of each text's
+    embedding. The guide's dimension and tokenizer need not be the trained model's: it embeds text.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, ids: torch.Tensor, margin: float = 0.0, relative: bool = False,
+                 gather: bool = False):
+        self.embeddings, self.ids = embeddings, ids
+        self.margin, self.relative, self.gather = margin, relative, gather
+        self.left_out: list[torch.Tensor] = []  # per step since last read: the fraction of candidates left out
+
+    @classmethod
+    def embed(cls, model: SentenceEncoder, settings: GuideSettings, data: TrainingSet, device: torch.device,
+              bf16: bool, processes: int, progress: bool = False) -> Guide:
+        """Embed every distinct text of ``data`` with ``model``: anchors with its query prompt, the other columns with
+        its document prompt (as its encode_query / encode_document would)."""
+        sides = [model.prompt(role="query")] + [model.prompt(role="document")] * (len(data.columns) - 1)
+        texts: dict[str, dict[str, None]] = {}  # prompt -> its distinct texts, in order
+        for row in data.rows:
+            for c, prompt in enumerate(sides):
+                texts.setdefault(prompt, {})[row[c]] = None
+        position, parts = {}, []
+        for prompt, distinct in texts.items():  # the prompt passed apart: pooling may leave its tokens out
+            position |= {(prompt, text): len(position) + i for i, text in enumerate(distinct)}
+            parts.append(torch.from_numpy(model.encode(list(distinct), normalize=True, bf16=bf16, prompt=prompt,
+                                                       show_progress="guide" if progress else False)))
+        log.info("guide: %s embedded %s distinct texts", settings.guide, f"{len(position):,}")
+        embeddings = torch.cat(parts)
+        ids = torch.tensor([[position[prompt, row[c]] for c, prompt in enumerate(sides)] for row in data.rows])
+        return cls(embeddings.to(device), ids.to(device), settings.guide_margin,
+                   settings.guide_margin_strategy == "relative", gather=processes > 1)
+
+    def exclude(self, batch: list[int]) -> Excluded:
+        """The candidates the guide leaves out for the rows ``batch`` (this process's), in the loss's layout: a
+        candidate scored above the anchor's positive less the margin; never the anchor's own positive."""
+        columns = self.embeddings[self.ids[batch]].unbind(1)  # C x (B, G)
+        anchors, positives = columns[0], columns[1]
+        rank = distributed.world()[0] if self.gather else 0
+        if self.gather:  # every process's rows, in the order the loss gathers them
+            candidates = torch.cat([distributed.gather(c) for c in columns[1:]])
+            all_anchors = distributed.gather(anchors)
+        else:
+            candidates, all_anchors = torch.cat(columns[1:]), anchors
+        rows = torch.arange(len(batch), device=anchors.device)
+        target = rank * len(batch) + rows
+        candidates_out = self._above(anchors @ candidates.T, rows, target)  # (B, W·B·(1+N))
+        anchors_out = self._above(positives @ all_anchors.T, rows, target)  # (B, W·B)
+        fraction = candidates_out.sum() / max(1, candidates_out.numel() - len(batch))
+        self.left_out.append(distributed.mean(fraction.float()))
+        return Excluded(candidates_out, anchors_out)
+
+    def _above(self, scores: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Where ``scores`` pass each row's own pair's score (at ``target``) less the margin; the pair itself never."""
+        own = scores[rows, target].unsqueeze(1)
+        threshold = own - (own.abs() * self.margin if self.relative else self.margin)
+        out = scores > threshold
+        out[rows, target] = False
+        return out
+
+    def read(self) -> list[torch.Tensor]:
+        """The steps' fractions since the last read, in step order (tensors on the device, not yet read)."""
+        out, self.left_out = self.left_out, []
+        return out
