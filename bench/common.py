@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -49,3 +50,23 @@ def write_section(path: Path, marker: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def add_seed_flags(parser: argparse.ArgumentParser) -> None:
+    """--seeds, --test, --bf16 and --data-dir: how a quality benchmark of several seeds is run."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--test", action="store_true", help="also score each run on the test split(s)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="the precision of every run (default: mnr's choice for this machine, made once)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+
+
+def chosen_bf16(args: argparse.Namespace) -> bool:
+    """--bf16 as given, else mnr's choice of precision on this machine's CPU, made once for every run of a call."""
+    if args.bf16 is not None:
+        return args.bf16
+    import torch
+
+    from mnr.device import native_bf16
+
+    return native_bf16(torch.device("cpu"))

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA_DIR, RESULTS, ROOT, machine
+from bench.common import RESULTS, ROOT, add_seed_flags, chosen_bf16, machine
 
 DIMS = [384, 256, 128, 64, 32]
 FILE = RESULTS / "variants.json"
@@ -144,16 +144,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["recipe", "matryoshka"],
                         help="st, st-full and st-gist train on the rows of this seed's matryoshka, "
                              "matryoshka-full and guide run, run in the same call")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--test", action="store_true", help="also score each run's best/ on the test split")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="the precision of every run (default: mnr's choice for this machine, made once)")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    add_seed_flags(parser)
     args = parser.parse_args()
     task = TASKS[args.task]
     results = json.loads(FILE.read_text()) if FILE.exists() else {}
     splits, where = ["dev", "test"] if args.test else ["dev"], machine()
-    bf16 = args.bf16 if args.bf16 is not None else _auto_bf16()  # decided once: every run in the same precision
+    bf16 = chosen_bf16(args)  # decided once: every run in the same precision
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="mnr-variants-") as tmp:
             for variant in args.variants:
@@ -178,15 +174,6 @@ def main() -> None:
     for split in splits:
         print(table(results, args.task, split, args.variants))
     print(f"machine: {where}")
-
-
-def _auto_bf16() -> bool:
-    """mnr's choice of precision on this machine's CPU (the s-t side runs in the same)."""
-    import torch
-
-    from mnr.device import native_bf16
-
-    return native_bf16(torch.device("cpu"))
 
 
 def table(results: dict, task: str, split: str, variants: list[str]) -> str:

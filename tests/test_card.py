@@ -123,10 +123,11 @@ def test_a_hub_base_model_is_named_with_its_license(run, tmp_path):
     from mnr.card import RunFacts, model_card, read_license
     from mnr.config import TrainConfig
     from mnr.data import TrainingSet
+    from mnr.mixture import Mixture
 
     config = TrainConfig(data=["hf:sentence-transformers/all-nli:triplet:train", "local.jsonl"], output="o")
-    data = TrainingSet(("anchor", "positive"), [("a", "b")], {"x": 1})
-    facts = RunFacts(config, data, "MultipleNegativesRankingLoss", "mean", 384, 128, True, 1, 10, None,
+    data = Mixture.of([(config.datasets()[0], TrainingSet(("anchor", "positive"), [("a", "b")], {"x": 1}))])
+    facts = RunFacts(config, data, ["MultipleNegativesRankingLoss"], "mean", 384, 128, True, 1, 10, None,
                      read_license(packaged_model_path()), [], None)
     meta = front_matter(model_card(facts, tmp_path / "final", "final"))
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["license"] == "apache-2.0"

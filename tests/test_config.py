@@ -98,7 +98,7 @@ def test_every_setting_says_whether_it_changes_the_weights():
     for key, (_, f) in keys().items():
         assert isinstance(f.metadata.get("weights"), bool), f"{key}: declare weights=True or False in setting(...)"
     config = TrainConfig(mine_negatives=1, symmetric=True)
-    changing = {key for key in config.flat() if keys()[key][1].metadata["weights"]}
+    changing = {key for key in config.flat() if key in keys() and keys()[key][1].metadata["weights"]}
     assert set(config.weight_settings()) == changing - {"data"}  # the data are compared by content, not by name
     assert {"lr", "batch_size", "seed", "loss", "model", "scale", "mine_range_max"} <= set(config.weight_settings())
     assert not {"output", "resume", "eval_steps", "save_every"} & set(config.weight_settings())

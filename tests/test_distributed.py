@@ -97,6 +97,8 @@ SETTINGS = {
                 "include_prompt": False},
     # the guide: the trained model's own weights; masks over the gathered candidates, both directions
     "guide": {"hard_negatives": True, "symmetric": True, "guide": "the model", "guide_margin": 0.02},
+    # two datasets: the step is on the first one's rows (NLI, the softmax classifier wrapped on its own)
+    "datasets": {"datasets": {"nli": {"data": ["NLI"], "loss": "softmax"}, "pairs": {"data": ["TRIPLETS"]}}},
 }
 # fp32: equal up to summation order. bf16 autocast (as a CPU with native bf16 or a GPU trains): the two
 # sides multiply different blocks of rows, each rounded to bf16's 8 bits of mantissa, so gradients are
@@ -113,8 +115,11 @@ def test_two_processes_equal_one(no_dropout_model, nli_file, triplets, tmp_path,
     data = str(triplets) if settings.get("hard_negatives") else str(nli_file)
     settings = {k_: v for k_, v in settings.items() if k_ != "hard_negatives"}  # triplets come from the file
     settings |= {"guide": str(no_dropout_model)} if "guide" in settings else {}
-    common = {"model": str(no_dropout_model), "data": [data], "output": "unused", "max_seq_length": 32,
-              "bf16": PRECISIONS[precision], **settings}
+    if "datasets" in settings:  # the files, where the tables name them
+        files = {"NLI": str(nli_file), "TRIPLETS": str(triplets)}
+        settings = {"datasets": {name: t | {"data": [files[t["data"][0]]]} for name, t in settings["datasets"].items()}}
+    common = {"model": str(no_dropout_model), "data": [] if "datasets" in settings else [data], "output": "unused",
+              "max_seq_length": 32, "bf16": PRECISIONS[precision], **settings}
 
     result = torchrun([json.dumps({**common, "batch_size": k}), str(tmp_path / "rank0.pt")], tmp_path, WORKER)
     assert result.returncode == 0, result.stderr[-3000:]

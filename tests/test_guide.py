@@ -77,17 +77,17 @@ def test_left_out_are_exactly_the_candidates_scored_above_the_positive_less_the_
     # the guide's embeddings are the model's own, each text embedded once
     texts = [t for row in data.rows for t in row]
     expected = torch.from_numpy(model.encode(texts, normalize=True))
-    torch.testing.assert_close(guide.embeddings[guide.ids.flatten()], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(guide.embeddings[guide.ids[0].flatten()], expected, atol=1e-6, rtol=0)
     assert len(guide.embeddings) == len(set(texts))
     batch = [0, 3, 5, 7, 9, 11]
     excluded = guide.exclude(batch)
-    reference = brute_force(guide.embeddings, guide.ids, batch, margin, strategy == "relative")
+    reference = brute_force(guide.embeddings, guide.ids[0], batch, margin, strategy == "relative")
     assert torch.equal(excluded.candidates, reference)
     assert 0 < reference.sum() < reference.numel() - len(batch)  # a random guide leaves some out, not all
     assert not excluded.candidates[range(6), range(6)].any()
     # the symmetric direction: positive i against every anchor, by its own pair's score
-    positives = guide.embeddings[guide.ids[batch, 1]].double()
-    anchors = guide.embeddings[guide.ids[batch, 0]].double()
+    positives = guide.embeddings[guide.ids[0][batch, 1]].double()
+    anchors = guide.embeddings[guide.ids[0][batch, 0]].double()
     scores = positives @ anchors.T
     own = scores.diagonal().unsqueeze(1)
     threshold = own - (own.abs() * margin if strategy == "relative" else margin)
@@ -118,7 +118,7 @@ def test_the_loss_ranks_each_anchor_among_the_candidates_left_in():
 def nothing_left_out(s) -> Guide:
     """A guide that scores each anchor's own positive 1, its own negatives -1 and everything else 0: it leaves
     nothing out."""
-    rows, columns = len(s.data.rows), len(s.data.columns)
+    rows, columns = len(s.data.parts[0].data.rows), len(s.data.parts[0].data.columns)
     ids = torch.tensor([[rows * c + r for c in range(columns)] for r in range(rows)])
     own = torch.eye(rows)
     return Guide(torch.cat([own, own] + [-own] * (columns - 2)), ids)
@@ -150,7 +150,7 @@ def test_a_guided_step_is_mnr_over_the_candidates_left_in(no_dropout_model, trip
     excluded = Guide(s.guide.embeddings, s.guide.ids, 0.05).exclude(batch)
     assert excluded.candidates.any()
     loss = forward_backward(s, batch, config).item()
-    columns = [torch.from_numpy(s.encoder.encode([s.data.rows[i][c] for i in batch])) for c in range(3)]
+    columns = [torch.from_numpy(s.encoder.encode([s.data.parts[0].data.rows[i][c] for i in batch])) for c in range(3)]
     expected = MultipleNegativesRankingLoss(symmetric=True)(columns, exclude=excluded)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert loss != pytest.approx(MultipleNegativesRankingLoss(symmetric=True)(columns).item(), rel=1e-3)
@@ -252,6 +252,6 @@ def test_a_guided_step_equals_sentence_transformers_gistembedloss(no_dropout_mod
     model.max_seq_length = 32
     gist = GISTEmbedLoss(model, st.SentenceTransformer(str(tiny_model_dir), device="cpu"), temperature=0.05,
                          margin_strategy=strategy, margin=margin, contrast_anchors=False, contrast_positives=False)
-    features = [model.tokenize([s.data.rows[i][c] for i in batch]) for c in range(3)]
+    features = [model.tokenize([s.data.parts[0].data.rows[i][c] for i in batch]) for c in range(3)]
     theirs = gist(features, None).item()
     assert ours == pytest.approx(theirs, rel=1e-5)

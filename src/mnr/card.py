@@ -20,9 +20,9 @@ import transformers
 
 from mnr import settings
 from mnr.config import TrainConfig
-from mnr.data import TrainingSet
 from mnr.fileio import HUB_PREFIX, parse_hub_spec
 from mnr.mine import MiningSettings
+from mnr.mixture import Mixture, Part
 from mnr.prompts import PromptChoice
 from mnr.version import __version__
 
@@ -35,8 +35,8 @@ class RunFacts:
     """What a run knows about the model it saves."""
 
     config: TrainConfig
-    data: TrainingSet
-    loss: str  # the loss class's name
+    data: Mixture  # the run's datasets (one, or several)
+    losses: list[str]  # each dataset's loss class's name
     pooling: str
     dim: int
     max_seq_length: int
@@ -159,13 +159,13 @@ def _front_matter(facts: RunFacts, base: bool = False) -> str:
     """YAML the hub reads; hand-written (flat keys and lists of plain words, each quoted as JSON). ``base``:
     the model is the base model unchanged, so no training tags."""
     lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:"]
-    trained = () if base else ("mnr", f"loss:{facts.loss}")
+    trained = () if base else ("mnr", *(f"loss:{name}" for name in dict.fromkeys(facts.losses)))
     lines += [f"- {tag}" for tag in ("sentence-transformers", "sentence-similarity", "feature-extraction", *trained)]
     if _is_hub_name(facts.config.model.model):
         lines.append(f"base_model: {json.dumps(facts.config.model.model)}")
     if facts.base_license:
         lines.append(f"license: {json.dumps(facts.base_license)}")
-    datasets = list(dict.fromkeys(parse_hub_spec(spec)[0] for spec in facts.config.data.data
+    datasets = list(dict.fromkeys(parse_hub_spec(spec)[0] for d in facts.config.datasets() for spec in d.specs
                                   if spec.startswith(HUB_PREFIX)))
     if datasets:
         lines += ["datasets:", *[f"- {json.dumps(name)}" for name in datasets]]
@@ -183,7 +183,9 @@ def _summary(facts: RunFacts, which: str) -> str:
             f"{facts.best[0]} {facts.best[1]} (`best/` of the run)." if which == "best" and facts.best else
             f"This is the model after the last step ({facts.step} of {facts.total_steps}; `final/` of the run).")
     return (f"A sentence-embedding model fine-tuned from {_base_link(facts.config.model.model)} with mnr "
-            f"({facts.loss}) on {len(facts.data):,} rows. It maps a text to a {facts.dim}-dimensional vector; the "
+            f"({', '.join(dict.fromkeys(facts.losses))}) on {len(facts.data):,} rows"
+            f"{f' of {len(facts.data.parts)} datasets' if len(facts.data.parts) > 1 else ''}. It maps a text to a "
+            f"{facts.dim}-dimensional vector; the "
             f"cosine similarity of two vectors says how close the texts are in meaning. {what}")
 
 
@@ -261,19 +263,24 @@ def _evaluation(facts: RunFacts, which: str) -> list[str]:
 
 
 def _training_rows(facts: RunFacts) -> list[str]:
-    config, data = facts.config, facts.data
-    sources = "; ".join(f"`{name}` ({rows:,} rows)" for name, rows in data.sources.items())
+    config = facts.config
     mining, training, matryoshka = config.mining, config.training, config.matryoshka
     loss_settings = ", ".join(f"{name} {_word(value)}" for name, value in settings.items(config.loss))
+    several = len(facts.data.parts) > 1
     rows = [
-        f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)})" +
-        (f", a seeded sample of {config.data.max_examples:,}" if config.data.max_examples else "") + " |",
+        *(_data_row(part, loss if several else None) for part, loss in
+          zip(facts.data.parts, facts.losses, strict=True)),
+        *([f"| batches | each from one dataset, {config.data.dataset_sampling} "
+           + ("(every batch of every dataset once per epoch, in a seeded random order) |"
+              if config.data.dataset_sampling == "proportional" else
+              "(one of each in turn, until one has none left) |")] if several else []),
         *([f"| hard negatives | {mining.num_negatives} per row, mined before training: "
            f"{f'`{mining.model}`' if mining.model else 'the base model'}'s best-ranked "
            f"passages of {f'`{mining.corpus}`' if mining.corpus else 'the data corpus'} among its top "
            f"{mining.range_max}, the anchor's positives excluded" + _mining_filters(mining)
            + "; rows that found fewer left out |"] if mining else []),
-        f"| loss | {facts.loss}" + (f" ({loss_settings})" if loss_settings else "") + " |",
+        f"| loss | {', '.join(dict.fromkeys(facts.losses))}" + (f" ({loss_settings})" if loss_settings else "")
+        + " |",
         *([f"| Matryoshka | the loss also on the first {', '.join(map(str, matryoshka.matryoshka_dims))} values of "
            "each embedding" + (f", weights {', '.join(f'{w:g}' for w in matryoshka.matryoshka_weights)}"
                                if matryoshka.matryoshka_weights else "") + " |"]
@@ -300,6 +307,18 @@ def _training_rows(facts: RunFacts) -> list[str]:
     rows.append(f"| versions | mnr {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
                 f"Python {platform.python_version()} |")
     return rows
+
+
+def _data_row(part: Part, loss: str | None) -> str:
+    """A dataset's row of the training table: its sources, rows and columns (and, with several, name, loss and batch
+    size)."""
+    data, dataset = part.data, part.dataset
+    sources = "; ".join(f"`{name}` ({rows:,} rows)" for name, rows in data.sources.items())
+    sampled = f", a seeded sample of {dataset.max_examples:,}" if dataset.max_examples else ""
+    if loss is None:
+        return f"| data | {sources}: {len(data):,} rows of ({', '.join(data.columns)}){sampled} |"
+    return (f"| dataset `{part.name}` | {sources}: {len(data):,} rows of ({', '.join(data.columns)}){sampled}; "
+            f"{loss}, batches of {dataset.batch_size} |")
 
 
 def _mining_filters(mining: MiningSettings) -> str:

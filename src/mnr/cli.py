@@ -281,6 +281,9 @@ def _train(args: argparse.Namespace) -> int:
               f"{summary['best_step']}{base})")
     print(f"trained:     {result.steps} steps, {summary['rows']:,} examples in {summary['train_seconds']:.0f} s, "
           f"{summary['rows_per_s']:.1f} examples/s")
+    for name, seen in summary.get("datasets", {}).items():
+        print(f"dataset:     {name}: {seen['rows']:,} rows, {seen['steps']} steps, loss {seen['loss']:.4f} (mean "
+              "of its last 50 steps)")
     if "guide_left_out" in summary:
         print(f"guide:       left out {summary['guide_left_out']:.2%} of each anchor's in-batch candidates (mean "
               "over the steps)")

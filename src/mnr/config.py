@@ -23,6 +23,7 @@ from mnr.fileio import short_name
 from mnr.guide import GuideSettings
 from mnr.losses import LOSSES, MatryoshkaSettings
 from mnr.mine import MiningSettings
+from mnr.mixture import SAMPLINGS, Dataset, dataset_tables, plan
 from mnr.model import POOLING_MODES
 from mnr.prompts import PromptSettings
 from mnr.retrieval import split_spec
@@ -74,10 +75,16 @@ class DataSettings:
                                         "how many)", weights=False)
     hard_negatives: bool = setting(False, "NLI data: train on (premise, entailment, contradiction) triplets "
                                           "instead of (premise, entailment) pairs", weights=True)
+    dataset_sampling: str = setting("proportional", "with several datasets (--data NAME=SPEC, or [datasets.NAME] "
+                                                    "tables in --config), each batch is from one of them: "
+                                                    "proportional (every batch of every dataset once per epoch, in a "
+                                                    "seeded random order) or round-robin (one of each in turn, until "
+                                                    "one has none left)", weights=True)
 
     def __post_init__(self):
         check_types(self)
         require(self, "max_examples", self.max_examples >= 0, "must be >= 0")
+        require(self, "dataset_sampling", self.dataset_sampling in SAMPLINGS, "must be " + " or ".join(SAMPLINGS))
 
 
 @dataclass
@@ -207,8 +214,9 @@ def keys() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 def defaults() -> dict:
-    """Every key's default (0 for --mine-negatives: no mining)."""
-    return {key: default(f) for key, (_, f) in keys().items()} | {"mine_negatives": 0}
+    """Every key's default (0 for --mine-negatives: no mining; no dataset tables)."""
+    return {key: default(f) for key, (_, f) in keys().items()} | {"mine_negatives": 0, "datasets": {},
+                                                                  "dataset_names": None}
 
 
 class TrainConfig:
@@ -220,6 +228,7 @@ class TrainConfig:
 
     def __init__(self, **values):
         known = keys()
+        self.dataset_tables = dataset_tables(values.pop("datasets", None) or {})  # [datasets.NAME] tables
         given: dict[str, dict] = {}
         for key, value in values.items():
             if key not in known:
@@ -230,20 +239,51 @@ class TrainConfig:
             group(**given.get(name, {})) for name, group in GROUPS.items())
         self.loss = self._loss_settings(given.get("loss", {}))
         self.mining = self._mining_settings(given.get("mining", {}))
-        on = LOSSES[self.training.loss].input == RANKING
-        for key, used in (("hard_negatives", self.data.hard_negatives), ("mine_negatives", self.mining)):
-            if used and not on:
-                raise ConfigError(f"{flag(key)} adds negatives to ranking rows; --loss {self.training.loss} trains on "
-                                  "labelled pairs")
-        if self.matryoshka.matryoshka_dims and not on:
-            raise ConfigError(f"--matryoshka-dims: --loss {self.training.loss}'s classifier takes the whole embedding; "
-                              "Matryoshka training needs a ranking loss (e.g. mnr)")
-        if self.guide.guide and not getattr(LOSSES[self.training.loss], "excludes", False):
-            raise ConfigError(f"--guide: --loss {self.training.loss} has no in-batch candidates to leave out; the "
-                              "guide needs a ranking loss (e.g. mnr)")
+        self._check_datasets()
         if self.mining and self.run.nproc > 1:
             raise ConfigError("--mine-negatives with --nproc above 1: mine first with `mnr mine`, then train on its "
                               "file")
+
+    def datasets(self) -> list[Dataset]:
+        """The run's datasets, each with its settings resolved (its table's, else the run's); none without data."""
+        return plan(self.data.data, self.dataset_tables, self.dataset_defaults())
+
+    def dataset_defaults(self) -> dict:
+        """The run's values of the settings a dataset's table can give."""
+        return {"loss": self.training.loss, "batch_size": self.training.batch_size, "columns": self.data.columns,
+                "hard_negatives": self.data.hard_negatives, "max_examples": self.data.max_examples,
+                "prompt_columns": None}  # None: the run's --prompt-columns (or their defaults)
+
+    def _check_datasets(self) -> None:
+        """What each dataset's loss allows, before anything loads; the messages name the dataset where there are
+        several."""
+        datasets = self.datasets() or [Dataset("", (), **self.dataset_defaults())]
+        if len(datasets) > 1 and self.mining:
+            raise ConfigError("--mine-negatives with several datasets: mine each with `mnr mine` first, then train "
+                              "on its file")
+        for d in datasets:
+            where = f"[datasets.{d.name}] " if d.name else ""
+            if d.loss not in LOSSES:
+                raise ConfigError(f"{where}--loss must be one of {', '.join(LOSSES)}, got {d.loss!r}")
+            if d.batch_size < 2:
+                raise ConfigError(f"{where}--batch-size must be at least 2 (MNR needs in-batch negatives), got "
+                                  f"{d.batch_size}")
+            if self.training.mini_batch_size and not LOSSES[d.loss].cacheable:
+                raise ConfigError(f"{where}--mini-batch-size cannot be used with --loss {d.loss} (it is not computed "
+                                  "from cached embeddings)")
+            on = LOSSES[d.loss].input == RANKING
+            for key, used in (("hard_negatives", d.hard_negatives), ("mine_negatives", self.mining)):
+                if used and not on:
+                    raise ConfigError(f"{where}{flag(key)} adds negatives to ranking rows; --loss {d.loss} trains on "
+                                      "labelled pairs")
+            if self.matryoshka.matryoshka_dims and not on:
+                raise ConfigError(f"{where}--matryoshka-dims: --loss {d.loss}'s classifier takes the whole "
+                                  "embedding; Matryoshka training needs a ranking loss (e.g. mnr)")
+            if d.prompt_columns is not None:  # a table's own: its columns and prompts exist
+                self.prompts.check_columns(d.prompt_columns, where)
+        if self.guide.guide and not any(getattr(LOSSES[d.loss], "excludes", False) for d in datasets):
+            raise ConfigError(f"--guide: --loss {datasets[0].loss} has no in-batch candidates to leave out; the "
+                              "guide needs a ranking loss (e.g. mnr)")
 
     def __getattr__(self, name: str):
         """A flat key read as an attribute (``config.lr``) names the group it lives in."""
@@ -286,6 +326,7 @@ class TrainConfig:
         values = {f.name: getattr(getattr(self, name), f.name)
                   for name, group in GROUPS.items() for f in dataclasses.fields(group)}
         values |= {f.name: getattr(self.loss, f.name) for f in dataclasses.fields(self.loss)}
+        values |= {"datasets": {name: {"data": t.data} | t.given() for name, t in self.dataset_tables.items()}}
         if self.mining is None:
             return values | {"mine_negatives": 0}
         return values | {MINING_KEYS[f.name]: getattr(self.mining, f.name) for f in dataclasses.fields(self.mining)}
@@ -294,7 +335,12 @@ class TrainConfig:
         """The settings that change the trained weights (a checkpoint resumes only under the same values), the
         data aside: they are compared by content, so a moved file still resumes."""
         known = keys()
-        return {key: value for key, value in self.flat().items() if known[key][1].metadata["weights"] and key != "data"}
+        settings = {key: value for key, value in self.flat().items()
+                    if key in known and known[key][1].metadata["weights"] and key != "data"}
+        # each dataset's own settings (its data too is compared by content), and which of them are named
+        names = [d.name for d in self.datasets()]
+        return settings | ({"datasets": {name: t.given() for name, t in self.dataset_tables.items()}}
+                           if self.dataset_tables else {}) | ({"dataset_names": names} if any(names) else {})
 
     def replace(self, **values) -> TrainConfig:
         return TrainConfig(**(self.flat() | values))
@@ -315,9 +361,14 @@ class TrainConfig:
     def to_toml(self) -> str:
         """The resolved config, to save beside the model: every setting, group by group."""
         lines = ["# resolved mnr training config: `mnr train --config THIS_FILE --output NEW_DIR` repeats the run"]
-        for key, value in self.flat().items():
+        tables = self.flat()
+        for key, value in tables.items():
             value = False if key == "resume" else value  # a flag of one command, not a setting
-            lines.append(f"# {key}: not set (decided at run time)" if value is None else f"{key} = {toml_value(value)}")
+            if key != "datasets":
+                lines.append(f"# {key}: not set (decided at run time)" if value is None else
+                             f"{key} = {toml_value(value)}")
+        for name, table in tables["datasets"].items():  # tables come after the keys
+            lines += ["", f"[datasets.{name}]", *(f"{key} = {toml_value(value)}" for key, value in table.items())]
         return "\n".join(lines) + "\n"
 
 
@@ -335,6 +386,8 @@ def load_toml(path: str | Path) -> dict:
     if "packing" in values and "layout" not in values:  # config.toml files written before --layout
         values["layout"] = "auto" if values.pop("packing") else "padded"
     for key, value in values.items():
+        if key == "datasets":  # [datasets.NAME] tables: checked below, with the rest
+            continue
         if isinstance(value, dict) and not (key in known and isinstance(default(known[key][1]), dict)):
             raise ConfigError(f"{path}: [{key}] tables are not used; write key = value at the top level")
         if key not in known:

@@ -24,7 +24,8 @@ import torch
 from mnr import distributed
 from mnr.data import TrainingSet
 from mnr.errors import ModelError
-from mnr.losses import Excluded
+from mnr.losses import LOSSES, Excluded
+from mnr.mixture import Mixture
 from mnr.model import SentenceEncoder
 from mnr.settings import check_types, require, setting
 
@@ -77,41 +78,51 @@ def load_guide(settings: GuideSettings, device: torch.device) -> SentenceEncoder
 class Guide:
     """The guide's embeddings of every text of the training rows, and the candidates they leave out of a batch.
 
-    ``embeddings``: (T, G) normalised, on the run's device; ``ids``: (rows, columns) -> the row of each text's
-    embedding. The guide's dimension and tokenizer need not be the trained model's: it embeds text.
+    ``embeddings``: (T, G) normalised, on the run's device; ``ids``: per dataset of the run, (rows, columns) -> the
+    row of each text's embedding (None for a dataset whose loss has no in-batch candidates; one tensor: a run of one
+    dataset). The guide's dimension and tokenizer need not be the trained model's: it embeds text.
     """
 
-    def __init__(self, embeddings: torch.Tensor, ids: torch.Tensor, margin: float = 0.0, relative: bool = False,
-                 gather: bool = False):
-        self.embeddings, self.ids = embeddings, ids
+    def __init__(self, embeddings: torch.Tensor, ids: torch.Tensor | list[torch.Tensor | None], margin: float = 0.0,
+                 relative: bool = False, gather: bool = False):
+        self.embeddings, self.ids = embeddings, [ids] if isinstance(ids, torch.Tensor) else ids
         self.margin, self.relative, self.gather = margin, relative, gather
-        self.left_out: list[torch.Tensor] = []  # per step since last read: the fraction of candidates left out
+        self.left_out: list[torch.Tensor | None] = []  # per step since the last read: the share of candidates left out
 
     @classmethod
-    def embed(cls, model: SentenceEncoder, settings: GuideSettings, data: TrainingSet, device: torch.device,
-              bf16: bool, processes: int, progress: bool = False) -> Guide:
-        """Embed every distinct text of ``data`` with ``model``: anchors with its query prompt, the other columns with
-        its document prompt (as its encode_query / encode_document would)."""
-        sides = [model.prompt(role="query")] + [model.prompt(role="document")] * (len(data.columns) - 1)
+    def embed(cls, model: SentenceEncoder, settings: GuideSettings, data: Mixture | TrainingSet,
+              device: torch.device, bf16: bool, processes: int, progress: bool = False) -> Guide:
+        """Embed every distinct text of ``data`` (of its datasets whose loss ranks in-batch candidates) with
+        ``model``: anchors with its query prompt, the other columns with its document prompt (as its encode_query /
+        encode_document would)."""
+        parts = [(data, True)] if isinstance(data, TrainingSet) else [
+            (p.data, getattr(LOSSES[p.dataset.loss], "excludes", False)) for p in data.parts]
+        query, document = model.prompt(role="query"), model.prompt(role="document")
         texts: dict[str, dict[str, None]] = {}  # prompt -> its distinct texts, in order
-        for row in data.rows:
-            for c, prompt in enumerate(sides):
-                texts.setdefault(prompt, {})[row[c]] = None
-        position, parts = {}, []
+        for rows, guided in parts:
+            sides = [query] + [document] * (len(rows.columns) - 1)
+            for row in rows.rows if guided else []:
+                for c, prompt in enumerate(sides):
+                    texts.setdefault(prompt, {})[row[c]] = None
+        position, embedded = {}, []
         for prompt, distinct in texts.items():  # the prompt passed apart: pooling may leave its tokens out
             position |= {(prompt, text): len(position) + i for i, text in enumerate(distinct)}
-            parts.append(torch.from_numpy(model.encode(list(distinct), normalize=True, bf16=bf16, prompt=prompt,
-                                                       show_progress="guide" if progress else False)))
+            embedded.append(torch.from_numpy(model.encode(list(distinct), normalize=True, bf16=bf16, prompt=prompt,
+                                                          show_progress="guide" if progress else False)))
         log.info("guide: %s embedded %s distinct texts", settings.guide, f"{len(position):,}")
-        embeddings = torch.cat(parts)
-        ids = torch.tensor([[position[prompt, row[c]] for c, prompt in enumerate(sides)] for row in data.rows])
-        return cls(embeddings.to(device), ids.to(device), settings.guide_margin,
+        ids = [torch.tensor([[position[query if c == 0 else document, t] for c, t in enumerate(row)]
+                             for row in rows.rows], device=device) if guided else None for rows, guided in parts]
+        return cls(torch.cat(embedded).to(device), ids, settings.guide_margin,
                    settings.guide_margin_strategy == "relative", gather=processes > 1)
 
-    def exclude(self, batch: list[int]) -> Excluded:
-        """The candidates the guide leaves out for the rows ``batch`` (this process's), in the loss's layout: a
-        candidate scored above the anchor's positive less the margin; never the anchor's own positive."""
-        columns = self.embeddings[self.ids[batch]].unbind(1)  # C x (B, G)
+    def exclude(self, batch: list[int], part: int = 0) -> Excluded | None:
+        """The candidates the guide leaves out for the rows ``batch`` (this process's, of dataset ``part``), in the
+        loss's layout: a candidate scored above the anchor's positive less the margin; never the anchor's own
+        positive. None for a dataset whose loss has no in-batch candidates."""
+        if self.ids[part] is None:
+            self.left_out.append(None)
+            return None
+        columns = self.embeddings[self.ids[part][batch]].unbind(1)  # C x (B, G)
         anchors, positives = columns[0], columns[1]
         rank = distributed.world()[0] if self.gather else 0
         if self.gather:  # every process's rows, in the order the loss gathers them
@@ -135,7 +146,8 @@ class Guide:
         out[rows, target] = False
         return out
 
-    def read(self) -> list[torch.Tensor]:
-        """The steps' fractions since the last read, in step order (tensors on the device, not yet read)."""
+    def read(self) -> list[torch.Tensor | None]:
+        """The steps' shares since the last read, in step order (tensors on the device, not yet read; None for a
+        step on a dataset the guide has no say in)."""
         out, self.left_out = self.left_out, []
         return out

@@ -56,12 +56,17 @@ def draw(runs: list[Path], labels: list[str] | None = None):
     for i, (entries, label) in enumerate(zip(logs, labels, strict=True)):
         color = colors[i % len(colors)]
         steps = [e["step"] for e in entries if "loss" in e]
-        losses = [e["loss"] for e in entries if "loss" in e]
-        if steps:
+        # one loss curve per dataset (a run of several: each step's dataset is logged), dashed after the first
+        datasets = list(dict.fromkeys(e.get("dataset") for e in entries if "loss" in e))
+        for j, dataset in enumerate(datasets):
+            points = [(e["step"], e["loss"]) for e in entries if "loss" in e and e.get("dataset") == dataset]
+            own_steps, losses = [p[0] for p in points], [p[1] for p in points]
             window = max(1, min(50, len(losses) // 10))
-            loss_ax.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)
-            loss_ax.plot(steps, smooth(losses, window), color=color,
-                         label=f"{label} (mean of {window} steps)" if window > 1 else label)
+            name = f"{label}: {dataset}" if dataset else label
+            loss_ax.plot(own_steps, losses, color=color, alpha=0.2, linewidth=0.8)
+            loss_ax.plot(own_steps, smooth(losses, window), "-" if j == 0 else "--", color=color,
+                         label=f"{name} (mean of {window} steps)" if window > 1 else name)
+        if steps:
             lr_ax.plot(steps, [e["lr"] for e in entries if "loss" in e], color=color, label=label)
         evaluations = rundir.evaluations(entries)
         for j, name in enumerate(dict.fromkeys(k for e in evaluations for k, v in e.items() if isinstance(v, dict))):

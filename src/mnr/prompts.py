@@ -40,14 +40,22 @@ class PromptSettings:
         check_types(self)
         require(self, "prompts", all(name.strip() and "=" not in name for name in self.prompts),
                 "names must be non-empty and without '='")
-        require(self, "prompt_columns", all(c in COLUMNS for c in self.prompt_columns),
-                "names columns " + ", ".join(COLUMNS))
-        missing = sorted(set(self.prompt_columns.values()) - set(self.prompts))
-        require(self, "prompt_columns", not missing, f"uses prompts --prompts does not name ({', '.join(missing)})")
+        self.check_columns(self.prompt_columns)
         unused = [name for name in self.prompts if name not in self.by_column().values()]
         if unused:
             raise ConfigError(f"--prompts: no column gets {', '.join(map(repr, unused))}; say which with "
                               f"--prompt-columns COLUMN=NAME (columns: {', '.join(COLUMNS)})")
+
+    def check_columns(self, prompt_columns: dict[str, str], where: str = "") -> None:
+        """{column: prompt name} (the run's, or a dataset's: ``where`` names it) names columns and prompts that
+        exist."""
+        bad = [c for c in prompt_columns if c not in COLUMNS]
+        if bad:
+            raise ConfigError(f"{where}--prompt-columns names columns {', '.join(COLUMNS)}, got {bad[0]!r}")
+        missing = sorted(set(prompt_columns.values()) - set(self.prompts))
+        if missing:
+            raise ConfigError(f"{where}--prompt-columns uses prompts --prompts does not name ({', '.join(missing)}), "
+                              f"got {prompt_columns!r}")
 
     def by_column(self) -> dict[str, str]:
         """{column: prompt name} of the columns that get a prompt."""
@@ -57,13 +65,15 @@ class PromptSettings:
         chosen = {"anchor": QUERY if QUERY in self.prompts else None, "positive": document, "negative": document}
         return {column: name for column, name in chosen.items() if name}
 
-    def names(self, columns: tuple[str, ...]) -> list[str]:
-        """The prompt name of each of ``columns`` ("" for none), after checking that every prompt goes before a
-        column of these rows."""
-        by_column = self.by_column()
+    def names(self, columns: tuple[str, ...], prompt_columns: dict[str, str] | None = None,
+              check: bool = True) -> list[str]:
+        """The prompt name of each of ``columns`` ("" for none), after checking (``check``) that every prompt goes
+        before a column of these rows. ``prompt_columns``: a dataset's own {column: prompt name} (exactly those;
+        None: the run's, ``by_column``)."""
+        by_column = self.by_column() if prompt_columns is None else prompt_columns
         names = [by_column.get(c.split("_")[0], "") for c in columns]  # negative_2 is a negative
         unused = [name for name in self.prompts if name not in names]
-        if unused:
+        if unused and check:
             raise ConfigError(f"--prompts: no column of the training rows ({', '.join(columns)}) gets "
                               f"{', '.join(map(repr, unused))}; say which with --prompt-columns COLUMN=NAME")
         return names

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from mnr import distributed, rundir
 from mnr import layout as layouts
 from mnr import mine as mining
-from mnr.batching import process_batches
 from mnr.card import RunFacts, hardware, model_card, read_license
 from mnr.config import TrainConfig
 from mnr.data import TrainingSet, load_training_set, parse_column_map
@@ -37,6 +36,7 @@ from mnr.evaluate import RETRIEVAL, Evaluator, evaluators
 from mnr.fileio import data_dir, write_rows
 from mnr.guide import Guide, load_guide
 from mnr.losses import LOSSES, Loss, Matryoshka
+from mnr.mixture import Dataset, Mixture
 from mnr.model import SentenceEncoder
 from mnr.plot import plot_runs
 from mnr.prompts import MODELS_OWN, PromptChoice, saved
@@ -62,18 +62,26 @@ class TrainResult:
 
 
 @dataclass
+class Task:
+    """What a step on a batch of one dataset runs: that dataset's loss and its columns' prompts."""
+
+    objective: Loss  # the loss module (with parameters of its own for the softmax classifier)
+    train_objective: torch.nn.Module  # what a step calls: the objective, or its wrapper when it has parameters
+    prompts: list[str]  # the prompt put before each column's texts ("" for none)
+    prompt_lengths: list[int] | None  # how many first tokens of each column pooling leaves out (--no-include-prompt)
+
+
+@dataclass
 class Setup:
     """Everything loaded and checked before the output directory is touched."""
 
-    data: TrainingSet
+    data: Mixture  # the training rows: one dataset, or several (mnr.mixture), numbered across them
     evaluators: list[Evaluator]  # dev sets; best/ keeps the model with the best primary metric of the first
     encoder: SentenceEncoder  # the model being trained: evaluated and saved
-    objective: Loss  # the loss module (with parameters of its own for the softmax classifier)
+    objective: torch.nn.Module  # the loss, or with several datasets all their losses (a ModuleDict): checkpointed
+    tasks: list[Task]  # per dataset: its loss and prompts
     train_encoder: torch.nn.Module  # what a step calls: the encoder, or its DistributedDataParallel wrapper
-    train_objective: torch.nn.Module  # the objective, or its wrapper when it has parameters
     token_ids: dict[str, list[int]]  # every distinct text, with its column's prompt, tokenised once
-    prompts: list[str]  # the prompt put before each column's texts ("" for none)
-    prompt_lengths: list[int] | None  # how many first tokens of each column pooling leaves out (--no-include-prompt)
     device: torch.device
     bf16: bool  # the encoder runs under bf16 autocast (config's bf16, or chosen for the device when unset)
     total_steps: int  # every epoch's batches counted (epochs can differ by a batch or two)
@@ -99,8 +107,9 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     dev = dev_evaluators(config, root)
     best_metric(config, dev)  # a metric the dev set does not have fails now
     data = training_data(config, root, data)
-    config.prompts.names(data.columns + (("negative",) if config.mining else ()))  # every prompt has a column
-    corpus = mining.mining_corpus(config.mining.corpus, root, data, config.data.data) if config.mining else []
+    column_prompt_names(config, data, ("negative",) if config.mining else ())  # every prompt has a column
+    corpus = mining.mining_corpus(config.mining.corpus, root, data.parts[0].data,
+                                  list(data.parts[0].dataset.specs)) if config.mining else []
     rank, world_size = distributed.world()
     batches_of_epoch(data, config, 0, rank, world_size)  # fails early, before the model loads, if no full batch
 
@@ -117,49 +126,95 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     guide_model = load_guide(config.guide, device)  # likewise: a guide that does not load fails now
     mining_record = {}
     if config.mining:
-        data, mining_record = mine_negatives(config, data, corpus, encoder, dev, bf16, progress)
+        mined, mining_record = mine_negatives(config, data.parts[0].data, corpus, encoder, dev, bf16, progress)
+        data = Mixture.of([(data.parts[0].dataset, mined)])
     guide = Guide.embed(guide_model, config.guide, data, device, bf16, world_size, progress) if guide_model else None
     del guide_model  # its embeddings are all a run needs of it
     total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
-    objective = objective_of(config, encoder.dim, world_size).to(device)
-    train_encoder, train_objective = trainable(encoder, objective, world_size)
+    tasks = [task_of(config, encoder, part.dataset.loss, names, world_size) for part, names in
+             zip(data.parts, column_prompt_names(config, data), strict=True)]
+    objective = tasks[0].objective if len(tasks) == 1 else torch.nn.ModuleDict(
+        {str(k): task.objective for k, task in enumerate(tasks)})
+    train_encoder = trainable(encoder, world_size)
     # Re-tokenising every batch costs as much as a small model's forward on CPU: do it once.
-    prompts, prompt_lengths = column_prompts(config, encoder, data.columns)
-    texts = list(dict.fromkeys(prompt + t for row in data.rows for prompt, t in zip(prompts, row, strict=True)))
+    texts = list(dict.fromkeys(prompt + t for part, task in zip(data.parts, tasks, strict=True)
+                               for row in part.data.rows for prompt, t in zip(task.prompts, row, strict=True)))
     ids, cut = encoder.tokenize_and_count(texts)
     token_ids = dict(zip(texts, ids, strict=True))
-    layout = training_layout(config, encoder, data, token_ids, prompts, bf16, world_size)
+    layout = training_layout(config, encoder, data, tasks, token_ids, bf16, world_size)
     if rank == 0:
         log.info("device: %s; %s (%s)", device, "bf16 autocast" if bf16 else "fp32", why)
         log.info("layout: %s", layout.describe())
-        log.info("training data: %s rows of %s from %s", f"{len(data):,}", ", ".join(data.columns),
-                 ", ".join(f"{name} ({rows:,})" for name, rows in data.sources.items()))
+        for part in data.parts:
+            log.info("training data%s: %s rows of %s from %s", f" {part.name!r}" if part.name else "",
+                     f"{len(part.data):,}", ", ".join(part.data.columns),
+                     ", ".join(f"{name} ({rows:,})" for name, rows in part.data.sources.items()))
         if cut:
             log.info("%s of %s distinct texts are longer than --max-seq-length %d tokens and were cut to it",
                      f"{cut:,}", f"{len(texts):,}", encoder.max_seq_length)
-    return Setup(data, dev, encoder, objective, train_encoder, train_objective, token_ids, prompts, prompt_lengths,
-                 device, bf16, total_steps, rank, world_size, layout, mining_record, guide)
+    return Setup(data, dev, encoder, objective, tasks, train_encoder, token_ids, device, bf16, total_steps, rank,
+                 world_size, layout, mining_record, guide)
 
 
-def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | None) -> TrainingSet:
-    """The rows the config names (or ``data``), sampled as it says, in the form its loss trains on."""
-    if data is None:
-        if not config.data.data:
+def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | None) -> Mixture:
+    """The rows of each dataset the config names (or ``data``, the run's one dataset), sampled as it says, in the
+    form its loss trains on."""
+    datasets = config.datasets()
+    if data is not None:  # rows built in code
+        if len(datasets) > 1:
+            raise ConfigError("training rows given in code make the run's one dataset; the config names "
+                              f"{len(datasets)} ({', '.join(d.name for d in datasets)})")
+        loaded = [(datasets[0] if datasets else Dataset("", (), **config.dataset_defaults()), data)]
+    else:
+        if not datasets:
             raise ConfigError("--data: no training files given")
-        data = load_training_set(config.data.data, root=root, wants=LOSSES[config.training.loss].input,
-                                 hard_negatives=config.data.hard_negatives,
-                                 column_map=parse_column_map(config.data.columns),
-                                 strict_qrels=config.data.strict_qrels)
-    data = data.sample(config.data.max_examples, config.training.seed)
-    if config.mining and len(data.columns) != 2:
-        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(data.columns)}); "
+        loaded = [(d, load_dataset(d, root, config.data.strict_qrels)) for d in datasets]
+    loaded = [(d, rows.sample(d.max_examples, config.training.seed)) for d, rows in loaded]
+    rows = loaded[0][1]
+    if config.mining and len(rows.columns) != 2:
+        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(rows.columns)}); "
                           "mine for (anchor, positive) pairs")
-    return data
+    return Mixture.of(loaded)
 
 
-def objective_of(config: TrainConfig, dim: int, world_size: int) -> torch.nn.Module:
-    """The loss the config names, for embeddings of ``dim`` values; with --matryoshka-dims, on each prefix too."""
-    objective = LOSSES[config.training.loss].from_settings(config.loss, dim, world_size)
+def load_dataset(dataset: Dataset, root: Path | None, strict_qrels: bool) -> TrainingSet:
+    """One dataset's rows, in the form its loss trains on; an error names the dataset where it has a name."""
+    try:
+        return load_training_set(list(dataset.specs), root=root, wants=LOSSES[dataset.loss].input,
+                                 hard_negatives=dataset.hard_negatives, column_map=parse_column_map(dataset.columns),
+                                 strict_qrels=strict_qrels)
+    except (DataError, ConfigError) as e:
+        if not dataset.name:
+            raise
+        raise type(e)(f"dataset {dataset.name!r} (--loss {dataset.loss}): {e}") from None
+
+
+def column_prompt_names(config: TrainConfig, data: Mixture, extra: tuple[str, ...] = ()) -> list[list[str]]:
+    """Per dataset, the prompt name of each column ("" for none; ``extra``: columns to come, as mining's negatives);
+    every prompt of --prompts goes before a column of some dataset."""
+    if len(data.parts) == 1:
+        return [config.prompts.names(data.parts[0].data.columns + extra, data.parts[0].dataset.prompt_columns)]
+    names = [config.prompts.names(p.data.columns + extra, p.dataset.prompt_columns, check=False) for p in data.parts]
+    unused = [name for name in config.prompts.prompts if not any(name in n for n in names)]
+    if unused:
+        raise ConfigError(f"--prompts: no column of any dataset gets {', '.join(map(repr, unused))}; say which with "
+                          "--prompt-columns COLUMN=NAME (or prompt_columns in a dataset's table)")
+    return names
+
+
+def task_of(config: TrainConfig, encoder: SentenceEncoder, loss: str, prompt_names: list[str],
+            world_size: int) -> Task:
+    """A dataset's loss (on ``encoder``'s device) and its columns' prompts."""
+    objective = objective_of(config, loss, encoder.dim, world_size).to(encoder.device)
+    prompts, prompt_lengths = column_prompts(encoder, prompt_names)
+    return Task(objective, wrap_objective(objective, encoder.device, world_size), prompts, prompt_lengths)
+
+
+def objective_of(config: TrainConfig, loss: str, dim: int, world_size: int) -> torch.nn.Module:
+    """The loss ``loss`` (the run's own settings if it is the run's --loss, else its defaults), for embeddings of
+    ``dim`` values; with --matryoshka-dims, on each prefix too."""
+    kind = LOSSES[loss]
+    objective = kind.from_settings(config.loss if loss == config.training.loss else kind.Settings(), dim, world_size)
     dims = matryoshka_dims(config, dim)
     return Matryoshka(objective, dims, config.matryoshka.matryoshka_weights) if dims else objective
 
@@ -172,25 +227,30 @@ def matryoshka_dims(config: TrainConfig, dim: int) -> list[int]:
     return dims
 
 
-def trainable(encoder: SentenceEncoder, objective: Loss, world_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The encoder and objective as a step calls them: made ready to train, and wrapped in
-    DistributedDataParallel with several processes (gradients averaged; weights broadcast from rank 0)."""
+def trainable(encoder: SentenceEncoder, world_size: int) -> torch.nn.Module:
+    """The encoder as a step calls it: made ready to train, and wrapped in DistributedDataParallel with several
+    processes (gradients averaged; weights broadcast from rank 0)."""
     # BERT-like models carry a pooler head (a dense layer on [CLS]) that sentence embeddings never
     # use: frozen, it gets no update, and DistributedDataParallel accepts it (no gradient ever).
     if getattr(encoder.transformer, "pooler", None) is not None:
         encoder.transformer.pooler.requires_grad_(False)
     use_fast_dropout(encoder.transformer)  # cheap dropout masks on CPU (torch's own elsewhere)
     if world_size == 1:
-        return encoder, objective
+        return encoder
     device = encoder.device
-    ids = [device.index] if device.type == "cuda" else None
-    wrapped = DistributedDataParallel(objective, device_ids=ids) if any(
-        p.requires_grad for p in objective.parameters()) else objective
-    return DistributedDataParallel(encoder, device_ids=ids), wrapped
+    return DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: TrainingSet, token_ids: dict,
-                    prompts: list[str], bf16: bool, world_size: int) -> layouts.Choice:
+def wrap_objective(objective: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """A loss with parameters of its own (the softmax classifier), wrapped in DistributedDataParallel with several
+    processes; any other as it is."""
+    if world_size == 1 or not any(p.requires_grad for p in objective.parameters()):
+        return objective
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: Mixture, tasks: list[Task], token_ids: dict,
+                    bf16: bool, world_size: int) -> layouts.Choice:
     """How the training forward is laid out (``mnr.layout``): as --layout says, or with auto on CUDA the fastest
     forward and backward of the run's first batches that agrees with padded (one process: several processes
     would have to agree, so they keep the device's default)."""
@@ -204,12 +264,19 @@ def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: Trainin
         choice = layouts.Choice(default, f"auto: {why}")
         encoder.chosen["train"] = choice
         return choice
-    texts = [[token_ids[prompts[c] + data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
+    texts = [batch_token_ids(data, tasks, token_ids, batch)
              for batch in batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]]
     chunk = config.training.mini_batch_size
     if chunk:  # gradient caching runs the encoder on chunks: measure chunks, never a whole batch
         texts = [ids[i : i + chunk] for ids in texts for i in range(0, len(ids), chunk)][: layouts.MEASURED_BATCHES]
     return encoder.choose_layout("train", texts, bf16)
+
+
+def batch_token_ids(data: Mixture, tasks: list[Task], token_ids: dict, batch: list[int]) -> list[list[int]]:
+    """The token ids of a batch's texts, every column in turn (column-major), each with its column's prompt."""
+    k, rows = data.part_of(batch)
+    part, prompts = data.parts[k].data, tasks[k].prompts
+    return [token_ids[prompts[c] + part.rows[i][c]] for c in range(len(part.columns)) for i in rows]
 
 
 def use_prompts(config: TrainConfig, encoder: SentenceEncoder) -> None:
@@ -227,11 +294,11 @@ def use_prompts(config: TrainConfig, encoder: SentenceEncoder) -> None:
         encoder.default_prompt_name = None
 
 
-def column_prompts(config: TrainConfig, encoder: SentenceEncoder, columns: tuple[str, ...]
-                   ) -> tuple[list[str], list[int] | None]:
-    """The prompt before each column's texts ("" for none) and, with --no-include-prompt, how many first tokens of
-    each column's texts pooling leaves out (None: every token counts)."""
-    prompts = [encoder.prompt(name) for name in config.prompts.names(columns)]
+def column_prompts(encoder: SentenceEncoder, names: list[str]) -> tuple[list[str], list[int] | None]:
+    """The prompt before each column's texts ("" for none; ``names``: each column's prompt name) and, with
+    --no-include-prompt, how many first tokens of each column's texts pooling leaves out (None: every token
+    counts)."""
+    prompts = [encoder.prompt(name) for name in names]
     if encoder.include_prompt or not any(prompts):
         return prompts, None
     return prompts, [encoder.prompt_length(p) if p else 0 for p in prompts]
@@ -288,14 +355,17 @@ def best_metric(config: TrainConfig, dev: list[Evaluator]) -> tuple[str, str] | 
     return dev[0].name, metric
 
 
-def batches_of_epoch(data: TrainingSet, config: TrainConfig, epoch: int, rank: int = 0,
+def batches_of_epoch(data: Mixture | TrainingSet, config: TrainConfig, epoch: int, rank: int = 0,
                      world_size: int = 1) -> list[list[int]]:
-    """This process's batches of one epoch (``mnr.batching.process_batches``)."""
-    return process_batches(data, config.training.batch_size, config.training.seed, epoch, rank=rank,
-                           world_size=world_size, duplicate_free=LOSSES[config.training.loss].in_batch_negatives)
+    """This process's batches of one epoch: each dataset's own (``mnr.batching.process_batches``), interleaved as
+    --dataset-sampling says with several (``mnr.mixture``); ``data``: the run's datasets, or rows of its one."""
+    if isinstance(data, TrainingSet):
+        data = Mixture.of([(Dataset("", (), **config.dataset_defaults()), data)])
+    return data.batches(config.data.dataset_sampling, config.training.seed, epoch,
+                        [LOSSES[p.dataset.loss].in_batch_negatives for p in data.parts], rank, world_size)
 
 
-def count_steps(data: TrainingSet, config: TrainConfig, rank: int = 0, world_size: int = 1) -> int:
+def count_steps(data: Mixture, config: TrainConfig, rank: int = 0, world_size: int = 1) -> int:
     """Steps of the whole run: each epoch's batches counted, since duplicate-free batching can leave rows
     with every batch left wait for one of their own, so one epoch can have a batch more than another."""
     return sum(len(batches_of_epoch(data, config, epoch, rank, world_size)) for epoch in range(config.training.epochs))
@@ -337,11 +407,13 @@ class Run:
         if self.main:
             self.dir.start(self.config, self.position.step)
             if self.config.mining:  # what was trained on, to read (or to train on again without mining)
-                write_rows(self.dir.path / MINED_FILE, mining.columns(self.config.mining.num_negatives), s.data.rows)
+                write_rows(self.dir.path / MINED_FILE, mining.columns(self.config.mining.num_negatives),
+                           s.data.parts[0].data.rows)
                 if self.position.step == 0:
                     self.dir.record({"step": 0, "mining": s.mining})
         self.best = best_metric(self.config, s.evaluators)
-        self.facts = RunFacts(self.config, s.data, type(s.objective).__name__, s.encoder.pooling, s.encoder.dim,
+        self.facts = RunFacts(self.config, s.data, [type(t.objective).__name__ for t in s.tasks], s.encoder.pooling,
+                              s.encoder.dim,
                               s.encoder.max_seq_length, s.encoder.normalize, s.world_size, s.total_steps,
                               data_dir(self.config.data.data_dir), read_license(s.encoder.source),
                               evaluations=rundir.evaluations(self.dir.read_log()) if self.main else [],
@@ -361,20 +433,26 @@ class Run:
         torch.manual_seed(seed + self.setup.rank)  # dropout: each process draws its own masks
         return Position()
 
-    def log_losses(self, losses: list[tuple[int, int, torch.Tensor, float]]) -> None:
-        """Log (step, epoch, loss, lr) of the steps since the last read; stop at the first loss that is not finite
+    def log_losses(self, losses: list[tuple[int, int, list[int], torch.Tensor, float]]) -> None:
+        """Log (step, epoch, batch, loss, lr) of the steps since the last read (with several datasets, each step's
+        dataset; with --guide, the share of candidates it left out); stop at the first loss that is not finite
         (before anything is evaluated or saved: a bad step is never kept)."""
-        guided = self.setup.guide.read() if self.setup.guide else []  # per step: the candidates it left out
-        read = torch.stack([loss for _, _, loss, _ in losses] + guided).tolist()  # one wait for the device
-        values, left_out = read[: len(losses)], read[len(losses):] or [None] * len(losses)
-        for (step, epoch, _, lr), value, fraction in zip(losses, values, left_out, strict=True):
+        s = self.setup
+        guided = s.guide.read() if s.guide else [None] * len(losses)  # per step: None where the guide had no say
+        read = torch.stack([loss for *_, loss, _ in losses] + [g for g in guided if g is not None]).tolist()
+        values, left_out = read[: len(losses)], iter(read[len(losses):])  # one wait for the device, above
+        for (step, epoch, batch, _, lr), value, guide in zip(losses, values, guided, strict=True):
             if not math.isfinite(value):
                 last = self.dir.latest_checkpoint(quiet=True)
                 raise TrainingError(f"step {step}: the loss is not finite; lower --lr or check the data. "
                                     f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}")
+            entry = {"step": step, "epoch": epoch, "loss": value, "lr": lr}
+            if len(s.data.parts) > 1:
+                entry["dataset"] = s.data.parts[s.data.part_of(batch)[0]].name
+            if guide is not None:
+                entry["guide_left_out"] = next(left_out)
             if self.main:
-                self.dir.record({"step": step, "epoch": epoch, "loss": value, "lr": lr}
-                                | ({"guide_left_out": fraction} if fraction is not None else {}))
+                self.dir.record(entry)
         self.recent = (self.recent + values)[-50:]
         self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}",
                              rows_per_s=f"{self.position.rows / self.position.train_seconds:.1f}", refresh=False)
@@ -482,8 +560,15 @@ def run_summary(run: RunDir, config: TrainConfig, position: Position, best: tupl
         summary |= {"best": str(run.path / "best"), "best_metric": " ".join(best),
                     "best_score": round(position.best_score, 2), "best_step": position.best_step,
                     "base_score": round(base[best[0]][best[1]], 2) if base else None}
+    log_entries = run.read_log()
+    if len(facts.data.parts) > 1:  # each dataset's rows, steps and last losses (the mean of its last 50 steps)
+        summary["datasets"] = {}
+        for part in facts.data.parts:
+            losses = [e["loss"] for e in log_entries if "loss" in e and e.get("dataset") == part.name]
+            summary["datasets"][part.name] = {"rows": len(part.data), "steps": len(losses),
+                                              "loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4)}
     if config.guide.guide:  # the mean, over the steps, of the share of each anchor's candidates the guide left out
-        left_out = [e["guide_left_out"] for e in run.read_log() if "guide_left_out" in e]
+        left_out = [e["guide_left_out"] for e in log_entries if "guide_left_out" in e]
         summary["guide_left_out"] = round(sum(left_out) / max(1, len(left_out)), 4)
         if summary["guide_left_out"] > 0.5:
             log.warning("the guide left out %.0f%% of the in-batch candidates: the loss learns little from so few; "

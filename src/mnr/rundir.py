@@ -35,6 +35,7 @@ from mnr.config import defaults as config_defaults
 from mnr.data import TrainingSet
 from mnr.errors import CheckpointError, ConfigError, ModelError
 from mnr.fileio import atomic_directory, atomic_file, write_json
+from mnr.mixture import Mixture
 
 log = logging.getLogger(__name__)
 
@@ -229,15 +230,20 @@ def checkpoint_payload(position: Position, fingerprint: dict, stateful: dict, rn
             "rng": rngs, **{name: obj.state_dict() for name, obj in stateful.items()}}
 
 
-def fingerprint(data: TrainingSet, config: TrainConfig, processes: int) -> dict:
-    """What a checkpoint must match to be resumed: model, data (by content) and result-changing settings."""
+def fingerprint(data: Mixture | TrainingSet, config: TrainConfig, processes: int) -> dict:
+    """What a checkpoint must match to be resumed: model, data (by content; each dataset's by its name too) and
+    result-changing settings. ``data``: the run's datasets, or the rows of its one."""
+    parts = [("", data)] if isinstance(data, TrainingSet) else [(p.name, p.data) for p in data.parts]
     digest = hashlib.sha256()
-    for i, row in enumerate(data.rows):
-        digest.update("\x1f".join(row).encode())
-        digest.update(f"\x1e{data.labels[i] if data.labels is not None else ''}\x1d".encode())
+    for name, rows in parts:
+        if name:  # a run of one unnamed dataset: the digest of its rows alone, as before datasets had names
+            digest.update(f"\x1c{name}\x1c".encode())
+        for i, row in enumerate(rows.rows):
+            digest.update("\x1f".join(row).encode())
+            digest.update(f"\x1e{rows.labels[i] if rows.labels is not None else ''}\x1d".encode())
     settings = config.weight_settings() | {"processes": processes}
-    return {"model": config.model.model, "data": digest.hexdigest(), "rows": len(data), "sources": list(data.sources),
-            "settings": settings}
+    return {"model": config.model.model, "data": digest.hexdigest(), "rows": len(data),
+            "sources": [source for _, rows in parts for source in rows.sources], "settings": settings}
 
 
 def mismatches(saved: dict, current: dict) -> list[str]:
@@ -251,9 +257,13 @@ def mismatches(saved: dict, current: dict) -> list[str]:
                         f"from {', '.join(saved['sources'])})")
     # a setting this run does not read (another loss's, mining's when off) cannot matter; one that is new since
     # the checkpoint was written matters only if this run sets it
+    names = {"datasets": "the datasets' own settings ([datasets.NAME] tables)", "dataset_names": "the datasets"}
     for key, value in current["settings"].items():
-        if saved["settings"].get(key, defaults.get(key)) != value:
-            problems.append(f"--{key.replace('_', '-')} was {saved['settings'].get(key)!r}, now {value!r}")
+        before = saved["settings"].get(key, defaults.get(key))
+        if before != value and key in names:
+            problems.append(f"{names[key]} differ: {before!r} then, {value!r} now")
+        elif before != value:
+            problems.append(f"--{key.replace('_', '-')} was {before!r}, now {value!r}")
     return problems
 
 

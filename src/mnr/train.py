@@ -19,7 +19,7 @@ from mnr.config import TrainConfig
 from mnr.data import TrainingSet
 from mnr.model import SentenceEncoder
 from mnr.packing import to_device
-from mnr.recipe import Run, Setup, TrainResult, batches_of_epoch
+from mnr.recipe import Run, Setup, TrainResult, batch_token_ids, batches_of_epoch
 
 
 def train(config: TrainConfig, *, data: TrainingSet | None = None, encoder: SentenceEncoder | None = None,
@@ -39,7 +39,7 @@ def fit(run: Run) -> None:
     total, training = s.total_steps, config.training
     warmup = math.ceil(total * training.warmup_ratio)
     read_every = 1 if s.device.type == "cpu" else 25  # reading a loss waits for the GPU: there, every few steps
-    unread: list[tuple[int, int, torch.Tensor, float]] = []  # (step, epoch, loss, lr) not yet read
+    unread: list[tuple[int, int, list[int], torch.Tensor, float]] = []  # (step, epoch, batch, loss, lr) not yet read
     s.train_encoder.train()
     with run.stop:
         run.evaluate_due()  # the base model before training; on resume, an evaluation a stop cut short
@@ -53,7 +53,7 @@ def fit(run: Run) -> None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # forward, backward, optimizer step
-                unread.append((step, epoch, train_step(s, optimizer, batches[index], config), lr))
+                unread.append((step, epoch, batches[index], train_step(s, optimizer, batches[index], config), lr))
                 position.advance(epoch, index, len(batches), len(batches[index]))
                 evaluating = step % config.eval.eval_steps == 0 and step < total
                 saving = config.run.save_every and step % config.run.save_every == 0 and step < total
@@ -87,12 +87,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.Tensor:
     """Loss of the rows ``batch`` and its gradients (averaged over processes); returns the loss, the
     mean over processes, as a 0-dim tensor on the device (reading it waits for the GPU)."""
-    data, prompts = s.data, s.prompts
+    k, rows = s.data.part_of(batch)  # the batch's dataset (each batch is of one) and its rows there
+    data, task = s.data.parts[k].data, s.tasks[k]
     # every column in one forward pass (bigger matrix products), column-major: (C·B, D) -> C x (B, D)
-    ids = [s.token_ids[prompts[c] + data.rows[i][c]] for c in range(len(data.columns)) for i in batch]
-    skip = [s.prompt_lengths[c] for c in range(len(data.columns)) for _ in batch] if s.prompt_lengths else None
-    labels = (to_device(torch.tensor([data.labels[i] for i in batch]), s.device) if data.labels is not None
-              else None)
+    ids = batch_token_ids(s.data, s.tasks, s.token_ids, batch)
+    skip = [n for n in task.prompt_lengths for _ in rows] if task.prompt_lengths else None
+    labels = to_device(torch.tensor([data.labels[i] for i in rows]), s.device) if data.labels is not None else None
 
     def autocast():
         return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
@@ -103,8 +103,9 @@ def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.T
     else:
         with autocast():
             embeddings = s.train_encoder(ids, skip)
-    given = {"exclude": s.guide.exclude(batch)} if s.guide else {}  # --guide: likely false negatives left out
-    loss = s.train_objective(list(embeddings.split(len(batch))), labels, **given)  # fp32 (pooling returns fp32)
+    exclude = s.guide.exclude(rows, k) if s.guide else None  # --guide: likely false negatives left out
+    given = {"exclude": exclude} if exclude is not None else {}
+    loss = task.train_objective(list(embeddings.split(len(batch))), labels, **given)  # fp32 (pooling returns fp32)
     loss.backward()
     if chunk:
         cache.replay_with_gradients(s.train_encoder, replay, embeddings.grad, autocast)
