@@ -255,3 +255,18 @@ def test_a_guided_step_equals_sentence_transformers_gistembedloss(no_dropout_mod
     features = [model.tokenize([s.data.parts[0].data.rows[i][c] for i in batch]) for c in range(3)]
     theirs = gist(features, None).item()
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_a_guided_step_on_the_gpu_leaves_out_what_the_cpu_does(no_dropout_model, triplets):
+    """The guide's embeddings on the GPU, its row ids on the host: the same masks and loss as on the CPU (fp32)."""
+    losses, masks = [], []
+    for device in ("cpu", "cuda"):
+        config = config_of(no_dropout_model, triplets, guide=str(no_dropout_model), guide_margin=0.02, device=device,
+                           layout="padded")
+        s = prepare(config)
+        batch = batches_of_epoch(s.data, config, 0)[0]
+        masks.append(Guide(s.guide.embeddings, s.guide.ids, 0.02).exclude(batch).candidates.cpu())
+        losses.append(forward_backward(s, batch, config).item())
+    assert torch.equal(masks[0], masks[1]) and masks[0].any()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -27,6 +27,7 @@ from mnr.errors import ModelError
 from mnr.losses import LOSSES, Excluded
 from mnr.mixture import Mixture
 from mnr.model import SentenceEncoder
+from mnr.packing import to_device
 from mnr.settings import check_types, require, setting
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class Guide:
     """The guide's embeddings of every text of the training rows, and the candidates they leave out of a batch.
 
     ``embeddings``: (T, G) normalised, on the run's device; ``ids``: per dataset of the run, (rows, columns) -> the
-    row of each text's embedding (None for a dataset whose loss has no in-batch candidates; one tensor: a run of one
-    dataset). The guide's dimension and tokenizer need not be the trained model's: it embeds text.
+    row of each text's embedding, on the host (None for a dataset whose loss has no in-batch candidates; one
+    tensor: a run of one dataset). The guide's dimension and tokenizer need not be the trained model's: it embeds
+    text.
     """
 
     def __init__(self, embeddings: torch.Tensor, ids: torch.Tensor | list[torch.Tensor | None], margin: float = 0.0,
@@ -111,7 +113,7 @@ class Guide:
                                                           show_progress="guide" if progress else False)))
         log.info("guide: %s embedded %s distinct texts", settings.guide, f"{len(position):,}")
         ids = [torch.tensor([[position[query if c == 0 else document, t] for c, t in enumerate(row)]
-                             for row in rows.rows], device=device) if guided else None for rows, guided in parts]
+                             for row in rows.rows]) if guided else None for rows, guided in parts]
         return cls(torch.cat(embedded).to(device), ids, settings.guide_margin,
                    settings.guide_margin_strategy == "relative", gather=processes > 1)
 
@@ -122,7 +124,8 @@ class Guide:
         if self.ids[part] is None:
             self.left_out.append(None)
             return None
-        columns = self.embeddings[self.ids[part][batch]].unbind(1)  # C x (B, G)
+        index = to_device(self.ids[part][batch], self.embeddings.device)  # looked up on the host: no wait
+        columns = self.embeddings[index].unbind(1)  # C x (B, G)
         anchors, positives = columns[0], columns[1]
         rank = distributed.world()[0] if self.gather else 0
         if self.gather:  # every process's rows, in the order the loss gathers them
