@@ -101,7 +101,9 @@ def train_mnr(config) -> tuple[dict, Path]:
     result = train(config, progress=False)
     model = result.best or result.final
     return {"model": model.name, "train_seconds": result.train_seconds, "rows": result.rows,
-            "rows_per_s": result.rows / result.train_seconds, "bf16": config.training.bf16}, model
+            "rows_per_s": result.rows / result.train_seconds, "bf16": config.training.bf16,
+            **({"guide_left_out": result.summary["guide_left_out"]} if "guide_left_out" in result.summary else {})
+            }, model
 
 
 def train_st(config, run: Path, workdir: Path) -> tuple[dict, Path]:

@@ -63,7 +63,9 @@ class DataSettings:
                                   "(hf:NAME[:CONFIG]:SPLIT): NLI (premise, hypothesis, label) or pairs "
                                   "(anchor, positive[, negative | negative_1, negative_2 ...]); or retrieval folders "
                                   "DIR[:SPLIT][[START:STOP]] (corpus, queries, qrels: (query, relevant passage) rows; "
-                                  "e.g. retrieval/scifact:train[100:])", weights=True, metavar="SPEC")
+                                  "e.g. retrieval/scifact:train[100:]); NAME=SPEC puts a source in dataset NAME "
+                                  "(several datasets: each batch from one; see --dataset-sampling)", weights=True,
+                         metavar="SPEC")
     data_dir: str = setting("", "where relative --data/--sts-dev/--ir-dev paths are looked up (default: "
                                 "$MNR_DATA_DIR)", weights=False)
     columns: str = setting("", "map your column names to ours: OURS=THEIRS,... e.g. anchor=question,positive=answer",
