@@ -99,7 +99,7 @@ def main() -> None:
     command = "python -m bench.speed " + " ".join(sys.argv[1:])
 
     entries = [build(name, overrides, optimizer, args) for name, overrides, optimizer in LADDER]
-    data = entries[0]["setup"].data
+    data = entries[0]["setup"].data.parts[0].data  # one dataset: its row numbers are the run's
     batches = epoch_batches(data, 32, seed=0, epoch=0)
     warmup, timed = batches[:3], batches[3 : 3 + args.steps]
     for entry in entries:  # first calls build kernels and caches; keep them out of the timing
