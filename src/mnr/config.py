@@ -265,14 +265,10 @@ class TrainConfig:
                               "on its file")
         for d in datasets:
             where = f"[datasets.{d.name}] " if d.name else ""
-            if d.loss not in LOSSES:
-                raise ConfigError(f"{where}--loss must be one of {', '.join(LOSSES)}, got {d.loss!r}")
-            if d.batch_size < 2:
-                raise ConfigError(f"{where}--batch-size must be at least 2 (MNR needs in-batch negatives), got "
-                                  f"{d.batch_size}")
-            if self.training.mini_batch_size and not LOSSES[d.loss].cacheable:
-                raise ConfigError(f"{where}--mini-batch-size cannot be used with --loss {d.loss} (it is not computed "
-                                  "from cached embeddings)")
+            try:  # the training settings' own checks, on the dataset's loss and batch size
+                dataclasses.replace(self.training, loss=d.loss, batch_size=d.batch_size)
+            except ConfigError as e:
+                raise ConfigError(f"{where}{e}") from None
             on = LOSSES[d.loss].input == RANKING
             for key, used in (("hard_negatives", d.hard_negatives), ("mine_negatives", self.mining)):
                 if used and not on:

@@ -230,10 +230,6 @@ class Matryoshka(nn.Module):
         self.dims = list(dims)
         self.weights = list(weights) if weights else [1.0] * len(self.dims)
 
-    @property
-    def excludes(self) -> bool:
-        return getattr(self.loss, "excludes", False)
-
     def forward(self, columns: list[torch.Tensor], labels: torch.Tensor | None = None, **given) -> torch.Tensor:
         """``given``: what the wrapped loss takes besides (e.g. ``exclude``), the same at every d."""
         return sum(weight * self.loss([c[:, :d] for c in columns], labels, **given)

@@ -182,8 +182,8 @@ class Mixture:
             except DataError as e:
                 raise DataError(f"dataset {part.name!r}: {e}" if part.name else str(e)) from None
             if not batches:
-                raise DataError(f"dataset {part.name!r}: {len(part.data)} rows, not one batch of "
-                                f"{part.dataset.batch_size} per process for {world_size} processes")
+                raise DataError(f"{f'dataset {part.name!r}: ' if part.name else ''}{len(part.data)} rows, not one "
+                                f"batch of {part.dataset.batch_size} per process for {world_size} processes")
             own.append([[i + part.offset for i in b] for b in batches])
         if len(own) == 1:
             return own[0]

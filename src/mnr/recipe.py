@@ -264,19 +264,18 @@ def training_layout(config: TrainConfig, encoder: SentenceEncoder, data: Mixture
         choice = layouts.Choice(default, f"auto: {why}")
         encoder.chosen["train"] = choice
         return choice
-    texts = [batch_token_ids(data, tasks, token_ids, batch)
-             for batch in batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES]]
+    texts = [batch_token_ids(data.parts[k].data, tasks[k].prompts, token_ids, rows)
+             for k, rows in map(data.part_of, batches_of_epoch(data, config, 0)[: layouts.MEASURED_BATCHES])]
     chunk = config.training.mini_batch_size
     if chunk:  # gradient caching runs the encoder on chunks: measure chunks, never a whole batch
         texts = [ids[i : i + chunk] for ids in texts for i in range(0, len(ids), chunk)][: layouts.MEASURED_BATCHES]
     return encoder.choose_layout("train", texts, bf16)
 
 
-def batch_token_ids(data: Mixture, tasks: list[Task], token_ids: dict, batch: list[int]) -> list[list[int]]:
-    """The token ids of a batch's texts, every column in turn (column-major), each with its column's prompt."""
-    k, rows = data.part_of(batch)
-    part, prompts = data.parts[k].data, tasks[k].prompts
-    return [token_ids[prompts[c] + part.rows[i][c]] for c in range(len(part.columns)) for i in rows]
+def batch_token_ids(data: TrainingSet, prompts: list[str], token_ids: dict, rows: list[int]) -> list[list[int]]:
+    """The token ids of the texts of ``rows`` (of one dataset, ``data``), every column in turn (column-major), each
+    with its column's prompt."""
+    return [token_ids[prompts[c] + data.rows[i][c]] for c in range(len(data.columns)) for i in rows]
 
 
 def use_prompts(config: TrainConfig, encoder: SentenceEncoder) -> None:

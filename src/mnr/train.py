@@ -90,7 +90,7 @@ def forward_backward(s: Setup, batch: list[int], config: TrainConfig) -> torch.T
     k, rows = s.data.part_of(batch)  # the batch's dataset (each batch is of one) and its rows there
     data, task = s.data.parts[k].data, s.tasks[k]
     # every column in one forward pass (bigger matrix products), column-major: (C·B, D) -> C x (B, D)
-    ids = batch_token_ids(s.data, s.tasks, s.token_ids, batch)
+    ids = batch_token_ids(data, task.prompts, s.token_ids, rows)
     skip = [n for n in task.prompt_lengths for _ in rows] if task.prompt_lengths else None
     labels = to_device(torch.tensor([data.labels[i] for i in rows]), s.device) if data.labels is not None else None
 
