@@ -25,7 +25,8 @@ appended to --jsonl the moment it ends, so a run stopped by a time limit keeps w
 Speed is training rows per second of the training loop; memory the peak of
 torch.cuda.max_memory_allocated over the run. Encoding: 20,000 NLI sentences, batch 256, fp32 and
 bf16 (sentence-transformers' model cast to bf16), and the cosine agreement of the embeddings.
-Writes --json and prints a markdown table; --write puts it in BENCHMARKS.md (GPU runs only).
+Writes --json (bench/results/gpu.json; a --smoke run's go to bench/out/, which git ignores) and prints a
+markdown table; --write puts it in BENCHMARKS.md (GPU runs only).
 """
 
 from __future__ import annotations
@@ -218,11 +219,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script on a CPU in minutes")
     parser.add_argument("--rows", nargs="+", choices=ROW_IDS, default=ROW_IDS, help="rows to run (default: all)")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "gpu.json"))
-    parser.add_argument("--jsonl", default=str(ROOT / "bench" / "results" / "gpu.jsonl"),
-                        help="each row's result is appended here the moment it ends")
+    parser.add_argument("--json", help="the results (default: bench/results/gpu.json; with --smoke, bench/out/, "
+                                       "which git ignores)")
+    parser.add_argument("--jsonl", help="each row's result is appended here the moment it ends (default: beside "
+                                        "--json's default, gpu.jsonl)")
     parser.add_argument("--write", action="store_true", help="put the table in BENCHMARKS.md (a GPU run only)")
     args = parser.parse_args()
+    folder = ROOT / "bench" / ("out" if args.smoke else "results")  # a smoke run's numbers are not results
+    args.json, args.jsonl = args.json or str(folder / "gpu.json"), args.jsonl or str(folder / "gpu.jsonl")
     import sentence_transformers
     import torch
     import transformers
