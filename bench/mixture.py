@@ -10,13 +10,15 @@ SciFact as configs/scifact.toml (train[100:] pairs, each with the negative the b
 relative margin 0.05; batches of 32); 3 epochs (configs/scifact.toml's), proportional sampling. SciFact's rows are
 mined once per call (as `mnr mine` would, before training) and every run trains on the same file. Each run's final
 model is scored (the runs have different dev sets, so none keeps a best/): STSb dev and test, SciFact train[:100]
-(dev) and test, in fp32. Results: bench/results/mixture.json, kept as each run finishes.
+(dev) and test, in fp32. Results: bench/results/mixture.json, kept as each run finishes. `--keep DIR` keeps each
+final model as DIR/RUN-SEED (the scifact run is configs/scifact.toml's first round: bench/second_round.sh FIRST).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -73,6 +75,7 @@ def scores(model: Path, splits: list[str], data_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--keep", type=Path, help="keep each run's final model as KEEP/RUN-SEED")
     add_seed_flags(parser)
     args = parser.parse_args()
     results = json.loads(FILE.read_text()) if FILE.exists() else {}
@@ -92,6 +95,8 @@ def main() -> None:
                 entry, model = train(run, seed, mined or Path(tmp) / "unused", args.data_dir, bf16,
                                      Path(tmp) / f"{run}-{seed}")
                 entry |= scores(model, splits, args.data_dir) | {"machine": where}
+                if args.keep:
+                    shutil.copytree(model, args.keep / f"{run}-{seed}", dirs_exist_ok=True)
                 results[key] = entry
                 FILE.parent.mkdir(parents=True, exist_ok=True)
                 FILE.write_text(json.dumps(results, indent=1))
