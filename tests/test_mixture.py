@@ -12,6 +12,7 @@ from mnr.cli import main
 from mnr.config import TrainConfig, load_toml
 from mnr.errors import ConfigError
 from mnr.mixture import plan
+from mnr.model import SentenceEncoder
 from mnr.recipe import batches_of_epoch, prepare
 from mnr.settings import toml_value
 from mnr.train import forward_backward
@@ -19,6 +20,7 @@ from mnr.train import forward_backward
 from .conftest import SENTENCES, write_jsonl
 from .test_checkpoint import SLOW as SLOWED
 from .test_checkpoint import assert_bitwise_equal, run_to_end, stop_at, weights
+from .test_retrieval import beir_folder
 
 
 @pytest.fixture
@@ -124,6 +126,35 @@ def test_a_run_of_two_datasets_logs_and_describes_each(tiny_model_dir, nli_file,
     assert TrainConfig(**saved).datasets() == TrainConfig.from_sources(str(path)).datasets()
 
 
+def test_mining_gives_negatives_to_the_datasets_of_pairs_only(tiny_model_dir, nli_file, tmp_path, capsys):
+    """--mine-negatives beside another dataset: the (anchor, positive) pairs of a retrieval folder are mined, from
+    its corpus, as `mnr mine` mines them alone; NLI premise/hypothesis rows for the classifier train as they are."""
+    folder = beir_folder(tmp_path)
+    alone = tmp_path / "alone.jsonl"
+    settings = ["--range-max", "12", "--relative-margin", "0"]  # a random model ranks at random: no margin
+    assert main(["mine", str(tiny_model_dir), "--data", f"{folder}:train", "--output", str(alone), "--num-negatives",
+                 "1", *settings, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    length = SentenceEncoder.load(str(tiny_model_dir)).max_seq_length
+    path = config_file(tmp_path / "two.toml", {"nli": {"data": [str(nli_file)], "loss": "softmax", "batch_size": 6},
+                                              "search": {"data": [f"{folder}:train"]}},
+                       model=str(tiny_model_dir), max_seq_length=length, batch_size=4, save_every=0, bf16=False,
+                       mine_negatives=1, mine_range_max=12, mine_relative_margin=0.0)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--output", str(run)]) == 0
+    assert (run / "mined-search.jsonl").read_text() == alone.read_text()
+    assert not (run / "mined.jsonl").exists() and not (run / "mined-nli.jsonl").exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    record = next(e["mining"] for e in log if "mining" in e)
+    assert list(record["datasets"]) == ["search"] and record["datasets"]["search"]["kept"] == len(
+        alone.read_text().splitlines())
+    assert log[-1]["summary"]["datasets"]["nli"]["rows"] == 36
+    card = (run / "final" / "README.md").read_text()
+    assert "| hard negatives | 1 per row of `search`, mined before training: the base model's" in card
+    assert "of (anchor, positive, negative); MultipleNegativesRankingLoss" in card
+    assert "36 rows of (premise, hypothesis); SoftmaxLoss" in card
+
+
 def test_named_data_flags_make_datasets(nli_file, pairs):
     config = TrainConfig(data=[f"nli={nli_file}", f"pairs={pairs}", f"nli={pairs}"], hard_negatives=True,
                          datasets={"nli": {"batch_size": 8}})
@@ -173,13 +204,18 @@ def test_a_stopped_run_of_two_datasets_resumes_to_the_same_weights(tiny_model_di
      r"dataset 'pairs' \(--loss softmax\): .*premise"),
     ({"pairs": {"data": ["{pairs}"], "batch_size": 64}, "nli": {"data": ["{nli}"]}}, [],
      r"dataset 'pairs': .*not enough distinct texts for one batch of 64"),
-    ({"pairs": {"data": ["{pairs}"]}, "nli": {"data": ["{nli}"]}}, ["--mine-negatives", "1"],
-     r"--mine-negatives with several datasets"),
+    ({"pairs": {"data": ["{pairs}"]}, "nli": {"data": ["{nli}"]}}, ["--mine-negatives", "1", "--loss", "softmax"],
+     r"--mine-negatives adds negatives to ranking rows"),
+    ({"nli": {"data": ["{nli}"], "hard_negatives": True}, "other": {"data": ["{nli}"], "loss": "softmax"}},
+     ["--mine-negatives", "1"], r"--mine-negatives: no dataset is of \(anchor, positive\) pairs with a ranking "
+                                r"loss: nli has \(anchor, positive, negative\) for --loss mnr; other has "
+                                r"\(premise, hypothesis\) for --loss softmax"),
     ({"nli": {"data": ["{nli}"], "loss": "softmax", "hard_negatives": True}, "pairs": {"data": ["{pairs}"]}}, [],
      r"\[datasets.nli\] --hard-negatives adds negatives to ranking rows; --loss softmax"),
     ({"pairs": {"data": ["{pairs}"], "prompt_columns": {"anchor": "q"}}, "nli": {"data": ["{nli}"]}},
      ["--prompts", "query=q: "], r"\[datasets.pairs\] --prompt-columns uses prompts --prompts does not name \(q\)"),
-], ids=["unknown-key", "no-data", "columns-do-not-fit-the-loss", "too-small", "mining", "softmax-negatives",
+], ids=["unknown-key", "no-data", "columns-do-not-fit-the-loss", "too-small", "mining-softmax", "nothing-to-mine",
+        "softmax-negatives",
         "unknown-prompt"])
 def test_bad_datasets_are_refused_before_anything_is_written(tiny_model_dir, nli_file, pairs, tmp_path, capsys,
                                                              tables, flags, message):

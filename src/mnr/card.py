@@ -274,7 +274,9 @@ def _training_rows(facts: RunFacts) -> list[str]:
            + ("(every batch of every dataset once per epoch, in a seeded random order) |"
               if config.data.dataset_sampling == "proportional" else
               "(one of each in turn, until one has none left) |")] if several else []),
-        *([f"| hard negatives | {mining.num_negatives} per row, mined before training: "
+        *([f"| hard negatives | {mining.num_negatives} per row"
+           + (f" of {', '.join(f'`{p.name}`' for p in facts.data.parts if p.mined)}" if several else "")
+           + ", mined before training: "
            f"{f'`{mining.model}`' if mining.model else 'the base model'}'s best-ranked "
            f"passages of {f'`{mining.corpus}`' if mining.corpus else 'the data corpus'} among its top "
            f"{mining.range_max}, the anchor's positives excluded" + _mining_filters(mining)

@@ -202,7 +202,8 @@ MINING_KEYS = {f.name: "mine_negatives" if f.name == "num_negatives" else f"mine
 MINING_HELP = ("mine this many hard negatives for every (anchor, positive) row before training, as `mnr mine` does "
                "(the other mine_ settings are its controls): the best-ranked passages of --mine-corpus by the base "
                "model (or --mine-model) that are not the anchor's positives; rows that find fewer are left out; the "
-               "rows trained on are written to OUTPUT/mined.jsonl (0: none)")
+               "rows trained on are written to OUTPUT/mined.jsonl (0: none; with several datasets: each dataset of "
+               "pairs whose loss ranks candidates, OUTPUT/mined-NAME.jsonl)")
 
 
 def keys() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -260,9 +261,9 @@ class TrainConfig:
         """What each dataset's loss allows, before anything loads; the messages name the dataset where there are
         several."""
         datasets = self.datasets() or [Dataset("", (), **self.dataset_defaults())]
-        if len(datasets) > 1 and self.mining:
-            raise ConfigError("--mine-negatives with several datasets: mine each with `mnr mine` first, then train "
-                              "on its file")
+        if self.mining and not any(LOSSES[d.loss].input == RANKING for d in datasets):  # with several, it skips
+            raise ConfigError(f"--mine-negatives adds negatives to ranking rows; --loss {datasets[0].loss} trains on "
+                              "labelled pairs")  # the datasets whose loss takes none (recipe.minable)
         for d in datasets:
             where = f"[datasets.{d.name}] " if d.name else ""
             try:  # the training settings' own checks, on the dataset's loss and batch size
@@ -270,10 +271,9 @@ class TrainConfig:
             except ConfigError as e:
                 raise ConfigError(f"{where}{e}") from None
             on = LOSSES[d.loss].input == RANKING
-            for key, used in (("hard_negatives", d.hard_negatives), ("mine_negatives", self.mining)):
-                if used and not on:
-                    raise ConfigError(f"{where}{flag(key)} adds negatives to ranking rows; --loss {d.loss} trains on "
-                                      "labelled pairs")
+            if d.hard_negatives and not on:
+                raise ConfigError(f"{where}--hard-negatives adds negatives to ranking rows; --loss {d.loss} trains on "
+                                  "labelled pairs")
             if self.matryoshka.matryoshka_dims and not on:
                 raise ConfigError(f"{where}--matryoshka-dims: --loss {d.loss}'s classifier takes the whole "
                                   "embedding; Matryoshka training needs a ranking loss (e.g. mnr)")

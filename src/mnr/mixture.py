@@ -33,6 +33,7 @@ import bisect
 import dataclasses
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from mnr.batching import process_batches
@@ -140,6 +141,7 @@ class Part:
     dataset: Dataset
     data: TrainingSet
     offset: int
+    mined: bool = False  # its negatives were mined before training (--mine-negatives)
 
     @property
     def name(self) -> str:
@@ -154,10 +156,11 @@ class Mixture:
         self.starts = [p.offset for p in parts]
 
     @classmethod
-    def of(cls, datasets: list[tuple[Dataset, TrainingSet]]) -> Mixture:
+    def of(cls, datasets: list[tuple[Dataset, TrainingSet]], mined: Collection[str] = ()) -> Mixture:
+        """``mined``: the names of the datasets whose negatives were mined."""
         parts, offset = [], 0
         for dataset, data in datasets:
-            parts.append(Part(dataset, data, offset))
+            parts.append(Part(dataset, data, offset, dataset.name in mined))
             offset += len(data)
         return cls(parts)
 

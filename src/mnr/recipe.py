@@ -28,7 +28,7 @@ from mnr import layout as layouts
 from mnr import mine as mining
 from mnr.card import RunFacts, hardware, model_card, read_license
 from mnr.config import TrainConfig
-from mnr.data import TrainingSet, load_training_set, parse_column_map
+from mnr.data import RANKING, TrainingSet, load_training_set, parse_column_map
 from mnr.device import choose_bf16, resolve_device
 from mnr.dropout import use_fast_dropout
 from mnr.errors import ConfigError, DataError, Stopped, TrainingError
@@ -46,7 +46,7 @@ from mnr.signals import StopNow, StopSignals
 
 log = logging.getLogger(__name__)
 
-MINED_FILE = "mined.jsonl"  # --mine-negatives: the rows trained on, in the run's directory
+MINED_FILE = "mined.jsonl"  # --mine-negatives: the rows trained on, in the run's directory (mined-NAME.jsonl each)
 
 
 @dataclass
@@ -107,9 +107,10 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     dev = dev_evaluators(config, root)
     best_metric(config, dev)  # a metric the dev set does not have fails now
     data = training_data(config, root, data)
-    column_prompt_names(config, data, ("negative",) if config.mining else ())  # every prompt has a column
-    corpus = mining.mining_corpus(config.mining.corpus, root, data.parts[0].data,
-                                  list(data.parts[0].dataset.specs)) if config.mining else []
+    mined = minable(config, data)
+    column_prompt_names(config, data, mined)  # every prompt has a column (mining's negatives too)
+    corpora = {k: mining.mining_corpus(config.mining.corpus, root, data.parts[k].data,
+                                       list(data.parts[k].dataset.specs)) for k in mined}
     rank, world_size = distributed.world()
     batches_of_epoch(data, config, 0, rank, world_size)  # fails early, before the model loads, if no full batch
 
@@ -124,10 +125,15 @@ def prepare(config: TrainConfig, *, data: TrainingSet | None = None,
     use_prompts(config, encoder)
     matryoshka_dims(config, encoder.dim)  # before mining's minutes
     guide_model = load_guide(config.guide, device)  # likewise: a guide that does not load fails now
-    mining_record = {}
-    if config.mining:
-        mined, mining_record = mine_negatives(config, data.parts[0].data, corpus, encoder, dev, bf16, progress)
-        data = Mixture.of([(data.parts[0].dataset, mined)])
+    mining_record, rows = {}, [(part.dataset, part.data) for part in data.parts]
+    for k in mined:  # a dataset's negatives from its own corpus (--mine-corpus: one for all)
+        part = data.parts[k]
+        mined_rows, mining_record[part.name] = mine_negatives(config, part.data, corpora[k], encoder, dev, bf16,
+                                                              progress, part.name)
+        rows[k] = (part.dataset, mined_rows)
+    if mined:
+        data = Mixture.of(rows, mined=[data.parts[k].name for k in mined])
+        mining_record = mining_record.get("", {"datasets": mining_record})  # a run of one unnamed dataset: its own
     guide = Guide.embed(guide_model, config.guide, data, device, bf16, world_size, progress) if guide_model else None
     del guide_model  # its embeddings are all a run needs of it
     total_steps = count_steps(data, config, rank, world_size)  # of the rows trained on (mined ones, if mining)
@@ -171,10 +177,24 @@ def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | No
         loaded = [(d, load_dataset(d, root, config.data.strict_qrels)) for d in datasets]
     loaded = [(d, rows.sample(d.max_examples, config.training.seed)) for d, rows in loaded]
     rows = loaded[0][1]
-    if config.mining and len(rows.columns) != 2:
+    if config.mining and len(loaded) == 1 and len(rows.columns) != 2:
         raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(rows.columns)}); "
                           "mine for (anchor, positive) pairs")
-    return Mixture.of(loaded)
+    mixture = Mixture.of(loaded)
+    if config.mining and not minable(config, mixture):
+        raise ConfigError("--mine-negatives: no dataset is of (anchor, positive) pairs with a ranking loss: "
+                          + "; ".join(f"{p.name} has ({', '.join(p.data.columns)}) for --loss {p.dataset.loss}"
+                                      for p in mixture.parts))
+    return mixture
+
+
+def minable(config: TrainConfig, data: Mixture) -> list[int]:
+    """The datasets --mine-negatives mines (their index): those of (anchor, positive) pairs whose loss ranks
+    in-batch candidates; the others (rows with negatives, a classifier's labelled pairs) train as they are."""
+    if not config.mining:
+        return []
+    return [k for k, part in enumerate(data.parts)
+            if len(part.data.columns) == 2 and LOSSES[part.dataset.loss].input == RANKING]
 
 
 def load_dataset(dataset: Dataset, root: Path | None, strict_qrels: bool) -> TrainingSet:
@@ -189,12 +209,14 @@ def load_dataset(dataset: Dataset, root: Path | None, strict_qrels: bool) -> Tra
         raise type(e)(f"dataset {dataset.name!r} (--loss {dataset.loss}): {e}") from None
 
 
-def column_prompt_names(config: TrainConfig, data: Mixture, extra: tuple[str, ...] = ()) -> list[list[str]]:
-    """Per dataset, the prompt name of each column ("" for none; ``extra``: columns to come, as mining's negatives);
-    every prompt of --prompts goes before a column of some dataset."""
+def column_prompt_names(config: TrainConfig, data: Mixture, mined: list[int] = ()) -> list[list[str]]:
+    """Per dataset, the prompt name of each column ("" for none; ``mined``: the datasets mining will give a negative
+    column); every prompt of --prompts goes before a column of some dataset."""
+    columns = [p.data.columns + (("negative",) if k in mined else ()) for k, p in enumerate(data.parts)]
     if len(data.parts) == 1:
-        return [config.prompts.names(data.parts[0].data.columns + extra, data.parts[0].dataset.prompt_columns)]
-    names = [config.prompts.names(p.data.columns + extra, p.dataset.prompt_columns, check=False) for p in data.parts]
+        return [config.prompts.names(columns[0], data.parts[0].dataset.prompt_columns)]
+    names = [config.prompts.names(c, p.dataset.prompt_columns, check=False) for c, p in
+             zip(columns, data.parts, strict=True)]
     unused = [name for name in config.prompts.prompts if not any(name in n for n in names)]
     if unused:
         raise ConfigError(f"--prompts: no column of any dataset gets {', '.join(map(repr, unused))}; say which with "
@@ -304,7 +326,7 @@ def column_prompts(encoder: SentenceEncoder, names: list[str]) -> tuple[list[str
 
 
 def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], encoder: SentenceEncoder,
-                   dev: list[Evaluator], bf16: bool, progress: bool) -> tuple[TrainingSet, dict]:
+                   dev: list[Evaluator], bf16: bool, progress: bool, name: str = "") -> tuple[TrainingSet, dict]:
     """--mine-negatives: each (anchor, positive) row with the negatives the base model (or --mine-model) ranks best
     in ``corpus``, and what mining kept and left out. Mining is deterministic on a device, so a resumed run mines
     the same rows (its checkpoint checks that). The base model's embeddings of a retrieval dev set's corpus are
@@ -312,14 +334,15 @@ def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], en
     settings = config.mining
     miner = SentenceEncoder.load(settings.model, layout=config.model.layout, device=encoder.device) \
         if settings.model else encoder  # e.g. a first run's best/: a second round of mining, with its own settings
-    log.info("mining %d negatives for %s rows from %s passages with %s", settings.num_negatives, f"{len(data):,}",
-             f"{len(corpus):,}", settings.model or "the base model")
+    log.info("mining %d negatives for %s rows%s from %s passages with %s", settings.num_negatives, f"{len(data):,}",
+             f" of {name!r}" if name else "", f"{len(corpus):,}", settings.model or "the base model")
     candidates = mining.rank(miner, [(a, p) for a, p in data.rows], corpus, settings.range_max, bf16=bf16,
                              progress=progress,  # another model (--mine-model) with its own prompts, if any
                              prompts=PromptChoice.of_run(config.prompts) if miner is encoder else MODELS_OWN)
     mined = mining.select(candidates, settings)
     if not mined.rows:
-        raise DataError(f"--mine-negatives: no row found {settings.num_negatives} negatives that pass the filters; "
+        raise DataError(f"--mine-negatives: no row{f' of {name!r}' if name else ''} found {settings.num_negatives} "
+                        "negatives that pass the filters; "
                         "lower --mine-negatives or --mine-relative-margin, or raise --mine-range-max")
     log.info("mined: %s", mined.summary())
     if miner is encoder:  # the step-0 evaluation scores the base model: it reuses the corpus mining embedded
@@ -331,6 +354,11 @@ def mine_negatives(config: TrainConfig, data: TrainingSet, corpus: list[str], en
               "positive_mean": round(mined.positive_mean, 4), "negative_mean": round(mined.negative_mean, 4)}
     return TrainingSet(("anchor", "positive") + ("negative",) * settings.num_negatives, mined.rows,
                        data.sources_of(mined.kept)), record
+
+
+def mined_file(name: str) -> str:
+    """The file of a dataset's mined rows in the run's directory: mined.jsonl, or mined-NAME.jsonl where named."""
+    return f"mined-{name}.jsonl" if name else MINED_FILE
 
 
 def dev_evaluators(config: TrainConfig, root: Path | None) -> list[Evaluator]:
@@ -405,11 +433,12 @@ class Run:
         self.position = self._restore_or_seed()
         if self.main:
             self.dir.start(self.config, self.position.step)
-            if self.config.mining:  # what was trained on, to read (or to train on again without mining)
-                write_rows(self.dir.path / MINED_FILE, mining.columns(self.config.mining.num_negatives),
-                           s.data.parts[0].data.rows)
-                if self.position.step == 0:
-                    self.dir.record({"step": 0, "mining": s.mining})
+            for part in s.data.parts:  # what was trained on, to read (or to train on again without mining)
+                if part.mined:
+                    write_rows(self.dir.path / mined_file(part.name), mining.columns(len(part.data.columns) - 2),
+                               part.data.rows)
+            if s.mining and self.position.step == 0:
+                self.dir.record({"step": 0, "mining": s.mining})
         self.best = best_metric(self.config, s.evaluators)
         self.facts = RunFacts(self.config, s.data, [type(t.objective).__name__ for t in s.tasks], s.encoder.pooling,
                               s.encoder.dim,
