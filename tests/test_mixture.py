@@ -100,7 +100,8 @@ def test_each_dataset_trains_with_its_own_loss_batch_size_and_prompts(no_dropout
 
 def test_a_run_of_two_datasets_logs_and_describes_each(tiny_model_dir, nli_file, pairs, tmp_path, capsys):
     path = config_file(tmp_path / "two.toml", datasets(nli_file, pairs), model=str(tiny_model_dir),
-                       max_seq_length=32, batch_size=4, epochs=2, save_every=0)
+                       max_seq_length=32, batch_size=4, epochs=2, save_every=0,
+                       prompts={"query": "query: ", "passage": "passage: "})
     output = tmp_path / "run"
     assert main(["train", "--config", str(path), "--output", str(output)]) == 0
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
@@ -119,6 +120,8 @@ def test_a_run_of_two_datasets_logs_and_describes_each(tiny_model_dir, nli_file,
         in card
     assert "| dataset `pairs` |" in card and "MultipleNegativesRankingLoss, batches of 4 |" in card
     assert "| batches | each from one dataset, proportional" in card
+    assert "Trained with prompts before the texts of its columns (dataset `nli`: none; dataset `pairs`: anchor " \
+           "`query`, positive `passage`; the prompts: `query` 'query: ', `passage` 'passage: ')" in card
     assert (output / "curves.png").exists()
     # config.toml keeps the tables, and repeats the run's settings
     saved = load_toml(output / "config.toml")

@@ -196,9 +196,16 @@ def _prompts(facts: RunFacts) -> list[str]:
         return []
     by_column, sides = settings.by_column(), PromptChoice.of_run(settings)  # what queries and passages get
     query, document = sides.query, sides.corpus
+    if len(facts.data.parts) > 1:  # each dataset's columns and theirs
+        given = "; ".join(f"dataset `{p.name}`: " + (", ".join(dict.fromkeys(
+            f"{column} `{name}`" for column, name in zip(p.data.columns, settings.names(
+                p.data.columns, p.dataset.prompt_columns, check=False), strict=True) if name)) or "none")
+            for p in facts.data.parts)
+        given += "; the prompts: " + ", ".join(f"`{name}` {text!r}" for name, text in settings.prompts.items())
+    else:
+        given = "; ".join(f"{column}: `{name}`, {settings.prompts[name]!r}" for column, name in by_column.items())
     lines = ["### Prompts", "",
-             "Trained with prompts before the texts of its columns (" + "; ".join(
-                 f"{column}: `{name}`, {settings.prompts[name]!r}" for column, name in by_column.items()) + "), "
+             f"Trained with prompts before the texts of its columns ({given}), "
              "saved in `config_sentence_transformers.json`; pooling "
              f"{'counts' if settings.include_prompt else 'leaves out'} their tokens. Embed each text with the prompt "
              "of the column it plays:", "", "```python"]
