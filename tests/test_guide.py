@@ -13,7 +13,7 @@ from mnr.cli import main
 from mnr.config import TrainConfig
 from mnr.data import load_training_set
 from mnr.errors import ConfigError
-from mnr.guide import Guide, GuideSettings
+from mnr.guide import Guide, GuideSettings, storage
 from mnr.losses import Excluded, Matryoshka, MultipleNegativesRankingLoss
 from mnr.model import SentenceEncoder
 from mnr.recipe import batches_of_epoch, prepare
@@ -257,16 +257,27 @@ def test_a_guided_step_equals_sentence_transformers_gistembedloss(no_dropout_mod
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+def test_the_guide_s_embeddings_stay_on_a_gpu_only_where_they_fit_in_a_tenth_of_its_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 4000))  # bytes free, in all
+    gpu = torch.device("cuda", 0)
+    assert storage(100, gpu) == gpu and storage(101, gpu) == torch.device("cpu")
+    assert storage(10**12, torch.device("cpu")) == torch.device("cpu")
+
+
 @pytest.mark.cuda
 def test_a_guided_step_on_the_gpu_leaves_out_what_the_cpu_does(no_dropout_model, triplets):
-    """The guide's embeddings on the GPU, its row ids on the host: the same masks and loss as on the CPU (fp32)."""
+    """The guide's embeddings on the GPU, its row ids on the host: the same masks and loss as on the CPU (fp32); the
+    embeddings kept in the host's memory (too large for the GPU) give the same masks too."""
     losses, masks = [], []
     for device in ("cpu", "cuda"):
         config = config_of(no_dropout_model, triplets, guide=str(no_dropout_model), guide_margin=0.02, device=device,
                            layout="padded")
         s = prepare(config)
+        assert s.guide.embeddings.device == s.device  # a few kilobytes: on the device
         batch = batches_of_epoch(s.data, config, 0)[0]
         masks.append(Guide(s.guide.embeddings, s.guide.ids, 0.02).exclude(batch).candidates.cpu())
         losses.append(forward_backward(s, batch, config).item())
+    on_host = Guide(s.guide.embeddings.cpu(), s.guide.ids, 0.02, device=s.device).exclude(batch).candidates
+    assert on_host.device == s.device and torch.equal(on_host.cpu(), masks[1])
     assert torch.equal(masks[0], masks[1]) and masks[0].any()
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)

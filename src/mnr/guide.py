@@ -8,9 +8,13 @@ candidate it scores above the anchor's own positive, less a margin, is left out 
 
 The guide embeds every distinct training text once per run, before the first step (anchors as queries, the other
 columns as documents, each with the guide's own prompts), and keeps the embeddings on the run's device: a step
-only looks its rows up. Its masks follow the loss's candidates across processes (each process gathers the guide
-embeddings of the others' rows, as the loss gathers their embeddings), so they compose with hard negatives,
-gradient caching, Matryoshka and DistributedDataParallel alike.
+only looks its rows up. Where they would take more than a tenth of the GPU's free memory (millions of texts, a
+large guide: memory training needs), they stay in the host's memory instead and a step sends its rows' embeddings
+over (kilobytes), a choice made from the device's free memory at run time and logged.
+
+Its masks follow the loss's candidates across processes (each process gathers the guide embeddings of the others'
+rows, as the loss gathers their embeddings), so they compose with hard negatives, gradient caching, Matryoshka and
+DistributedDataParallel alike.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mnr.settings import check_types, require, setting
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("absolute", "relative")
+DEVICE_SHARE = 0.1  # the guide's embeddings stay on a GPU if they take at most this share of its free memory
 
 
 @dataclass
@@ -66,6 +71,15 @@ class GuideSettings:
         return f"`{self.guide}` leaves out of each anchor's softmax the candidates it scores above {rule}"
 
 
+def storage(nbytes: int, device: torch.device) -> torch.device:
+    """Where the guide's embeddings (``nbytes``) stay: the run's device, unless it is a GPU on which they would take
+    more than DEVICE_SHARE of its free memory now (before training's own memory), then the host's memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= DEVICE_SHARE * free else torch.device("cpu")
+
+
 def load_guide(settings: GuideSettings, device: torch.device) -> SentenceEncoder | None:
     """--guide, loaded (before any work: a guide that does not load fails the run before mining and training)."""
     if not settings.guide:
@@ -79,16 +93,17 @@ def load_guide(settings: GuideSettings, device: torch.device) -> SentenceEncoder
 class Guide:
     """The guide's embeddings of every text of the training rows, and the candidates they leave out of a batch.
 
-    ``embeddings``: (T, G) normalised, on the run's device; ``ids``: per dataset of the run, (rows, columns) -> the
-    row of each text's embedding, on the host (None for a dataset whose loss has no in-batch candidates; one
-    tensor: a run of one dataset). The guide's dimension and tokenizer need not be the trained model's: it embeds
-    text.
+    ``embeddings``: (T, G) normalised, on the run's device (or the host's memory: ``device``, the run's, is then
+    where a step's rows go); ``ids``: per dataset of the run, (rows, columns) -> the row of each text's embedding,
+    on the host (None for a dataset whose loss has no in-batch candidates; one tensor: a run of one dataset). The
+    guide's dimension and tokenizer need not be the trained model's: it embeds text.
     """
 
     def __init__(self, embeddings: torch.Tensor, ids: torch.Tensor | list[torch.Tensor | None], margin: float = 0.0,
-                 relative: bool = False, gather: bool = False):
+                 relative: bool = False, gather: bool = False, device: torch.device | None = None):
         self.embeddings, self.ids = embeddings, [ids] if isinstance(ids, torch.Tensor) else ids
         self.margin, self.relative, self.gather = margin, relative, gather
+        self.device = device or embeddings.device
         self.left_out: list[torch.Tensor | None] = []  # per step since the last read: the share of candidates left out
 
     @classmethod
@@ -111,11 +126,15 @@ class Guide:
             position |= {(prompt, text): len(position) + i for i, text in enumerate(distinct)}
             embedded.append(torch.from_numpy(model.encode(list(distinct), normalize=True, bf16=bf16, prompt=prompt,
                                                           show_progress="guide" if progress else False)))
-        log.info("guide: %s embedded %s distinct texts", settings.guide, f"{len(position):,}")
         ids = [torch.tensor([[position[query if c == 0 else document, t] for c, t in enumerate(row)]
                              for row in rows.rows]) if guided else None for rows, guided in parts]
-        return cls(torch.cat(embedded).to(device), ids, settings.guide_margin,
-                   settings.guide_margin_strategy == "relative", gather=processes > 1)
+        embeddings = torch.cat(embedded)
+        where = storage(embeddings.numel() * embeddings.element_size(), device)
+        log.info("guide: %s embedded %s distinct texts (%.0f MB, kept %s)", settings.guide, f"{len(position):,}",
+                 embeddings.numel() * embeddings.element_size() / 2**20,
+                 "on the run's device" if where == device else "in the host's memory (a step sends its rows')")
+        return cls(embeddings.to(where), ids, settings.guide_margin, settings.guide_margin_strategy == "relative",
+                   gather=processes > 1, device=device)
 
     def exclude(self, batch: list[int], part: int = 0) -> Excluded | None:
         """The candidates the guide leaves out for the rows ``batch`` (this process's, of dataset ``part``), in the
@@ -124,8 +143,11 @@ class Guide:
         if self.ids[part] is None:
             self.left_out.append(None)
             return None
-        index = to_device(self.ids[part][batch], self.embeddings.device)  # looked up on the host: no wait
-        columns = self.embeddings[index].unbind(1)  # C x (B, G)
+        if self.embeddings.device == self.device:
+            looked_up = self.embeddings[to_device(self.ids[part][batch], self.device)]  # ids on the host: no wait
+        else:  # kept in the host's memory
+            looked_up = to_device(self.embeddings[self.ids[part][batch]], self.device)
+        columns = looked_up.unbind(1)  # C x (B, G)
         anchors, positives = columns[0], columns[1]
         rank = distributed.world()[0] if self.gather else 0
         if self.gather:  # every process's rows, in the order the loss gathers them
