@@ -28,14 +28,19 @@ def grads(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("columns, symmetric", [(2, False), (3, False), (2, True), (3, True)],
-                         ids=["pairs", "hard-negatives", "symmetric", "symmetric-hard-negatives"])
+GTE = {"directions": ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+       "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}
+
+
+@pytest.mark.parametrize("columns, settings", [(2, {}), (3, {}), (2, {"symmetric": True}), (3, {"symmetric": True}),
+                                               (3, GTE)],
+                         ids=["pairs", "hard-negatives", "symmetric", "symmetric-hard-negatives", "gte-hardness"])
 @pytest.mark.parametrize("mini_batch", [3, 5])
-def test_cached_equals_plain_with_dropout(tiny_model_dir, columns, symmetric, mini_batch):
+def test_cached_equals_plain_with_dropout(tiny_model_dir, columns, settings, mini_batch):
     encoder = SentenceEncoder.load(str(tiny_model_dir))
     encoder.transformer.config.hidden_dropout_prob = 0.1  # dropout on: the replay must reproduce the masks
     encoder.train()
-    loss_fn = MultipleNegativesRankingLoss(symmetric=symmetric)
+    loss_fn = MultipleNegativesRankingLoss(**settings)
     ids = batch_ids(encoder, columns)
     chunks = [ids[i : i + mini_batch] for i in range(0, len(ids), mini_batch)]
 

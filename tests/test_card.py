@@ -65,7 +65,8 @@ def test_every_model_folder_gets_a_card_with_the_figures_the_run_printed(run):
         for step, score in scores.items():
             assert re.search(rf"\| {step}( \(.*?\))? \| {score:.2f} \|", card), (step, score)
         assert "| pooling | mean of the token embeddings |" in card and "| embedding dimension | 32 |" in card
-        assert "| loss | MultipleNegativesRankingLoss (scale 20.0, symmetric off) |" in card
+        assert "| loss | MultipleNegativesRankingLoss (scale 20.0, symmetric off, directions query_to_doc, " \
+               "partition_mode joint, hardness_mode none, hardness_strength 0.0) |" in card
         assert "| epochs, steps | 2, 6 |" in card and "| batch | 4 rows per step |" in card
         assert "| precision | fp32 |" in card and "| seed | 0 |" in card
         assert "12 rows of (anchor, positive)" in card and "training time |" in card and "hardware |" in card

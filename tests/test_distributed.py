@@ -97,6 +97,10 @@ SETTINGS = {
                 "include_prompt": False},
     # the guide: the trained model's own weights; masks over the gathered candidates, both directions
     "guide": {"hard_negatives": True, "symmetric": True, "guide": "the model", "guide_margin": 0.02},
+    # every direction in one softmax (GTE), hardness weighting, and the guide's masks over all four blocks
+    "directions": {"hard_negatives": True, "directions": ["query_to_doc", "query_to_query", "doc_to_query",
+                                                          "doc_to_doc"], "hardness_mode": "all_negatives",
+                   "hardness_strength": 5.0, "guide": "the model", "guide_margin": 0.02},
     # two datasets: the step is on the first one's rows (NLI, the softmax classifier wrapped on its own)
     "datasets": {"datasets": {"nli": {"data": ["NLI"], "loss": "softmax"}, "pairs": {"data": ["TRIPLETS"]}}},
 }

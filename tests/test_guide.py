@@ -231,19 +231,28 @@ def test_guide_settings_are_checked_in_code_too():
         TrainConfig(guide="m", guide_margin=float("nan"))
 
 
-@pytest.mark.parametrize("margin, strategy", [(0.0, "absolute"), (0.02, "relative")])
+@pytest.mark.parametrize("margin, strategy, contrast, columns", [
+    (0.0, "absolute", (False, False), 3), (0.02, "relative", (False, False), 3),
+    (0.02, "absolute", (True, False), 3), (0.0, "absolute", (True, True), 2)],
+    ids=["absolute", "relative", "contrast-anchors", "contrast-both-pairs"])
 def test_a_guided_step_equals_sentence_transformers_gistembedloss(no_dropout_model, tiny_model_dir, triplets, margin,
-                                                                  strategy):
-    """GISTEmbedLoss with the same guide, temperature 1/scale, and the candidates mnr ranks (positives and hard
-    negatives: contrast_anchors and contrast_positives off)."""
+                                                                  strategy, contrast, columns, tmp_path):
+    """GISTEmbedLoss with the same guide, temperature 1/scale, and the same candidates: positives and hard negatives
+    (query_to_doc); contrast_anchors is --directions query_to_query; contrast_positives, on pairs, doc_to_doc (with
+    hard negatives GISTEmbedLoss leaves them out of that block, MNR's doc_to_doc has them)."""
     st = pytest.importorskip("sentence_transformers")
     try:
         from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
     except ImportError:  # releases before 6.1
         from sentence_transformers.losses import GISTEmbedLoss
 
-    config = config_of(no_dropout_model, triplets, guide=str(tiny_model_dir), guide_margin=margin,
-                       guide_margin_strategy=strategy)
+    data = triplets
+    if columns == 2:
+        data = write_jsonl(tmp_path / "pairs.jsonl", [{k: v for k, v in json.loads(line).items() if k != "negative"}
+                                                      for line in triplets.read_text().splitlines()])
+    directions = ["query_to_doc"] + ["query_to_query"] * contrast[0] + ["doc_to_doc"] * contrast[1]
+    config = config_of(no_dropout_model, data, guide=str(tiny_model_dir), guide_margin=margin,
+                       guide_margin_strategy=strategy, directions=directions)
     s = prepare(config)
     batch = batches_of_epoch(s.data, config, 0)[0]
     ours = forward_backward(s, batch, config).item()
@@ -251,8 +260,9 @@ def test_a_guided_step_equals_sentence_transformers_gistembedloss(no_dropout_mod
     model = st.SentenceTransformer(str(no_dropout_model), device="cpu")
     model.max_seq_length = 32
     gist = GISTEmbedLoss(model, st.SentenceTransformer(str(tiny_model_dir), device="cpu"), temperature=0.05,
-                         margin_strategy=strategy, margin=margin, contrast_anchors=False, contrast_positives=False)
-    features = [model.tokenize([s.data.parts[0].data.rows[i][c] for i in batch]) for c in range(3)]
+                         margin_strategy=strategy, margin=margin, contrast_anchors=contrast[0],
+                         contrast_positives=contrast[1])
+    features = [model.tokenize([s.data.parts[0].data.rows[i][c] for i in batch]) for c in range(columns)]
     theirs = gist(features, None).item()
     assert ours == pytest.approx(theirs, rel=1e-5)
 

@@ -353,4 +353,6 @@ def _duration(seconds: float) -> str:
 
 
 def _word(value) -> str:
+    if isinstance(value, list):
+        return " + ".join(map(str, value))
     return ("on" if value else "off") if isinstance(value, bool) else str(value)

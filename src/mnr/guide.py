@@ -157,19 +157,21 @@ class Guide:
             candidates, all_anchors = torch.cat(columns[1:]), anchors
         rows = torch.arange(len(batch), device=anchors.device)
         target = rank * len(batch) + rows
-        candidates_out = self._above(anchors @ candidates.T, rows, target)  # (B, W·B·(1+N))
-        anchors_out = self._above(positives @ all_anchors.T, rows, target)  # (B, W·B)
+        to_candidates = anchors @ candidates.T  # (B, W·B·(1+N)): query_to_doc
+        own = to_candidates[rows, target].unsqueeze(1)  # the guide's score of each row's own pair
+        threshold = own - (own.abs() * self.margin if self.relative else self.margin)
+
+        def above(scores: torch.Tensor) -> torch.Tensor:  # the row's own pair is never left out
+            out = scores > threshold
+            out[rows, target] = False
+            return out
+
+        candidates_out = above(to_candidates)
         fraction = candidates_out.sum() / max(1, candidates_out.numel() - len(batch))
         self.left_out.append(distributed.mean(fraction.float()))
-        return Excluded(candidates_out, anchors_out)
-
-    def _above(self, scores: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Where ``scores`` pass each row's own pair's score (at ``target``) less the margin; the pair itself never."""
-        own = scores[rows, target].unsqueeze(1)
-        threshold = own - (own.abs() * self.margin if self.relative else self.margin)
-        out = scores > threshold
-        out[rows, target] = False
-        return out
+        # every direction a loss may rank (MNR's --directions), each against the same threshold
+        return Excluded(candidates_out, anchors=above(positives @ all_anchors.T),
+                        queries=above(anchors @ all_anchors.T), documents=above(positives @ candidates.T))
 
     def read(self) -> list[torch.Tensor | None]:
         """The steps' shares since the last read, in step order (tensors on the device, not yet read; None for a
