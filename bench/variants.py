@@ -1,7 +1,8 @@
 """A shipped recipe and its variants, scored at each embedding size (its first d values, renormalised): Matryoshka
 (equal weights, or the full size weighted up), query/passage prompts, a guide against false negatives (--guide, the
-base model), and sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss) or GISTEmbedLoss trained on the
-rows of the matching mnr run with the recipe's settings.
+base model), more directions in the loss (GTE's) or hardness weighting, and sentence-transformers'
+MatryoshkaLoss(MultipleNegativesRankingLoss) or GISTEmbedLoss trained on the rows of the matching mnr run with the
+recipe's settings.
 
     python -m bench.variants --task scifact --variants recipe prompts --seeds 0 1 2          # dev: choose
     python -m bench.variants --task scifact --variants recipe matryoshka st --seeds 0 1 2 --test   # report once
@@ -44,6 +45,10 @@ VARIANTS = {
     "st-full": ("sentence-transformers MatryoshkaLoss(MNR), weights 4 2 1 1 1, that run's rows",
                 {"matryoshka_dims": DIMS, "matryoshka_weights": [4.0, 2.0, 1.0, 1.0, 1.0]}),
     "guide": ("the recipe + --guide (the base model)", {"guide": "BASE"}),
+    "gte": ("the recipe + --directions query_to_doc query_to_query doc_to_query doc_to_doc (GTE's loss)",
+            {"directions": ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]}),
+    "hardness": ("the recipe + --hardness-mode all_negatives --hardness-strength 5",
+                 {"hardness_mode": "all_negatives", "hardness_strength": 5.0}),
     "st-gist": ("sentence-transformers GISTEmbedLoss, the same guide, that run's rows",
                 {"guide": "BASE"}),
 }
