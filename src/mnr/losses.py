@@ -207,7 +207,9 @@ class MultipleNegativesRankingLoss(nn.Module):
         candidates = torch.cat(candidate_columns)  # (W·B·(1+N), D): positives of every process, then negatives
         # anchor i of process r <-> its positive, row r·B + i of the gathered positives
         target = rank * len(anchors) + torch.arange(len(anchors), device=anchors.device)
-        own = torch.arange(len(candidates), device=anchors.device) % len(all_anchors) == target.unsqueeze(1)
+        own = None  # own[i, j]: candidate j is one of row i's documents (only where a block needs it)
+        if self.hardness_mode != "none" or {"query_to_query", "doc_to_doc"} & set(self.directions):
+            own = torch.arange(len(candidates), device=anchors.device) % len(all_anchors) == target.unsqueeze(1)
         cosine = cosine_matrix(anchors, candidates)  # (B, W·B·(1+N)): own[i, j], j is one of row i's documents
         scores = cosine * self.scale
         if self.hardness_mode != "none":  # a harder negative weighs more; no gradient through the weight
@@ -215,9 +217,8 @@ class MultipleNegativesRankingLoss(nn.Module):
         blocks = [_left_out(scores, exclude and exclude.candidates)]  # query_to_doc
         if "query_to_query" in self.directions:  # (B, W·B): each anchor against the others
             block = cosine_matrix(anchors, all_anchors) * self.scale
-            self_pair = torch.zeros_like(block, dtype=torch.bool)
-            self_pair[torch.arange(len(anchors)), target] = True
-            blocks.append(_left_out(block.masked_fill(self_pair, -math.inf), exclude and exclude.queries))
+            block = block.masked_fill(own[:, :len(all_anchors)], -math.inf)  # own's first W·B columns: itself
+            blocks.append(_left_out(block, exclude and exclude.queries))
         if "doc_to_query" in self.directions:  # (B, W·B): each positive against every anchor
             blocks.append(_left_out(cosine_matrix(positives, all_anchors) * self.scale, exclude and exclude.anchors))
         if "doc_to_doc" in self.directions:  # each positive against every document but its row's own
@@ -239,7 +240,7 @@ class MultipleNegativesRankingLoss(nn.Module):
             chosen = own.clone()
             chosen[:, width:] = False
             chosen = ~chosen
-        return chosen.to(own.device, torch.float32)
+        return chosen.float()
 
 
 def _left_out(scores: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
