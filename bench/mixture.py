@@ -97,7 +97,8 @@ def main() -> None:
                 entry |= scores(model, splits, args.data_dir) | {"machine": where}
                 if args.keep:
                     shutil.copytree(model, args.keep / f"{run}-{seed}", dirs_exist_ok=True)
-                results[key] = entry
+                # Re-read before writing: another call (another seed) may have added its runs since this one began.
+                results = (json.loads(FILE.read_text()) if FILE.exists() else {}) | results | {key: entry}
                 FILE.parent.mkdir(parents=True, exist_ok=True)
                 FILE.write_text(json.dumps(results, indent=1))
                 print(f"    {key}: STSb {entry['stsb']}, SciFact {entry['scifact']}; {entry['rows_per_s']:.1f} "
