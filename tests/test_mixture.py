@@ -158,6 +158,25 @@ def test_mining_gives_negatives_to_the_datasets_of_pairs_only(tiny_model_dir, nl
     assert "36 rows of (premise, hypothesis); SoftmaxLoss" in card
 
 
+def test_a_dataset_that_says_mine_false_trains_on_its_pairs_as_they_are(tiny_model_dir, pairs, tmp_path):
+    """Two datasets of pairs in a mined run: the one whose table says ``mine = false`` keeps its rows and columns,
+    the other is mined from its own corpus."""
+    folder = beir_folder(tmp_path)
+    tables = {"search": {"data": [f"{folder}:train"]}, "pairs": {"data": [str(pairs)], "mine": False}}
+    config = TrainConfig(model=str(tiny_model_dir), max_seq_length=32, batch_size=4, bf16=False, device="cpu",
+                         mine_negatives=1, mine_range_max=12, mine_relative_margin=0.0, datasets=tables)
+    setup = prepare(config, progress=False)
+    search, kept = setup.data.parts
+    assert search.mined and search.data.columns == ("anchor", "positive", "negative")
+    assert not kept.mined and kept.data.columns == ("anchor", "positive")
+    assert kept.data.rows == prepare_data(TrainConfig(datasets={"pairs": {"data": [str(pairs)]}})).parts[0].data.rows
+    assert list(setup.mining["datasets"]) == ["search"]
+    # without the opt-out both are mined
+    both = prepare(TrainConfig(**{**config.flat(), "datasets": {**tables, "pairs": {"data": [str(pairs)]}}}),
+                   progress=False)
+    assert [p.mined for p in both.data.parts] == [True, True]
+
+
 def test_named_data_flags_make_datasets(nli_file, pairs):
     config = TrainConfig(data=[f"nli={nli_file}", f"pairs={pairs}", f"nli={pairs}"], hard_negatives=True,
                          datasets={"nli": {"batch_size": 8}})
@@ -210,15 +229,25 @@ def test_a_stopped_run_of_two_datasets_resumes_to_the_same_weights(tiny_model_di
     ({"pairs": {"data": ["{pairs}"]}, "nli": {"data": ["{nli}"]}}, ["--mine-negatives", "1", "--loss", "softmax"],
      r"--mine-negatives adds negatives to ranking rows"),
     ({"nli": {"data": ["{nli}"], "hard_negatives": True}, "other": {"data": ["{nli}"], "loss": "softmax"}},
-     ["--mine-negatives", "1"], r"--mine-negatives: no dataset is of \(anchor, positive\) pairs with a ranking "
-                                r"loss: nli has \(anchor, positive, negative\) for --loss mnr; other has "
-                                r"\(premise, hypothesis\) for --loss softmax"),
+     ["--mine-negatives", "1"], r"--mine-negatives: no dataset to mine, of \(anchor, positive\) pairs with a "
+                                r"ranking loss and not mine = false: nli has \(anchor, positive, negative\) for "
+                                r"--loss mnr; other has \(premise, hypothesis\) for --loss softmax$"),
+    ({"pairs": {"data": ["{pairs}"], "mine": False}, "nli": {"data": ["{nli}"], "hard_negatives": True}},
+     ["--mine-negatives", "1"], r"no dataset to mine, .* pairs has \(anchor, positive\) for --loss mnr, mine = "
+                                r"false; nli has"),
+    ({"pairs": {"data": ["{pairs}"], "mine": True}, "nli": {"data": ["{nli}"]}}, [],
+     r"\[datasets.pairs\] mine = true: mining is the run's --mine-negatives N"),
+    ({"pairs": {"data": ["{pairs}"]}, "nli": {"data": ["{nli}"], "loss": "softmax", "mine": True}},
+     ["--mine-negatives", "1"], r"\[datasets.nli\] mine = true: --loss softmax trains on labelled pairs"),
+    ({"pairs": {"data": ["{pairs}"]}, "nli": {"data": ["{nli}"], "hard_negatives": True, "mine": True}},
+     ["--mine-negatives", "1"], r"\[datasets.nli\] mine = true: its rows already have negatives \(anchor, "
+                                r"positive, negative\)"),
     ({"nli": {"data": ["{nli}"], "loss": "softmax", "hard_negatives": True}, "pairs": {"data": ["{pairs}"]}}, [],
      r"\[datasets.nli\] --hard-negatives adds negatives to ranking rows; --loss softmax"),
     ({"pairs": {"data": ["{pairs}"], "prompt_columns": {"anchor": "q"}}, "nli": {"data": ["{nli}"]}},
      ["--prompts", "query=q: "], r"\[datasets.pairs\] --prompt-columns uses prompts --prompts does not name \(q\)"),
 ], ids=["unknown-key", "no-data", "columns-do-not-fit-the-loss", "too-small", "mining-softmax", "nothing-to-mine",
-        "softmax-negatives",
+        "all-opted-out", "mine-without-mining", "mine-a-classifier", "mine-triplets", "softmax-negatives",
         "unknown-prompt"])
 def test_bad_datasets_are_refused_before_anything_is_written(tiny_model_dir, nli_file, pairs, tmp_path, capsys,
                                                              tables, flags, message):

@@ -255,7 +255,8 @@ class TrainConfig:
         """The run's values of the settings a dataset's table can give."""
         return {"loss": self.training.loss, "batch_size": self.training.batch_size, "columns": self.data.columns,
                 "hard_negatives": self.data.hard_negatives, "max_examples": self.data.max_examples,
-                "prompt_columns": None}  # None: the run's --prompt-columns (or their defaults)
+                "prompt_columns": None,  # None: the run's --prompt-columns (or their defaults)
+                "mine": True}  # with --mine-negatives, every dataset it can mine
 
     def _check_datasets(self) -> None:
         """What each dataset's loss allows, before anything loads; the messages name the dataset where there are
@@ -266,6 +267,10 @@ class TrainConfig:
                               "labelled pairs")  # the datasets whose loss takes none (recipe.minable)
         for d in datasets:
             where = f"[datasets.{d.name}] " if d.name else ""
+            if self.mining and d.name in self.dataset_tables and self.dataset_tables[d.name].mine and \
+                    LOSSES[d.loss].input != RANKING:
+                raise ConfigError(f"{where}mine = true: --loss {d.loss} trains on labelled pairs, not ranked "
+                                  "candidates; nothing to mine for")
             try:  # the training settings' own checks, on the dataset's loss and batch size
                 dataclasses.replace(self.training, loss=d.loss, batch_size=d.batch_size)
             except ConfigError as e:

@@ -22,6 +22,7 @@ a config file, one table per dataset, whose keys override the run's for that dat
     [datasets.scifact]
     data = ["retrieval/scifact:train[100:]"]
     prompt_columns = {anchor = "query", positive = "passage"}
+    mine = false  # with --mine-negatives, its pairs train as they are (the other datasets of pairs are mined)
 
 A run's rows are numbered across its datasets (the first dataset's rows first), so a batch is a list of row numbers
 as in a one-dataset run, and a run with one unnamed dataset is exactly the run it always was.
@@ -59,6 +60,8 @@ class DatasetSettings:
     batch_size: int | None = setting(None, "rows per batch and process of its batches", weights=True)
     prompt_columns: dict[str, str] | None = setting(None, "which of its columns get which of --prompts "
                                                           "(COLUMN=NAME; {} for none)", weights=True)
+    mine: bool | None = setting(None, "with --mine-negatives: whether its (anchor, positive) pairs are mined (false: "
+                                      "they train as they are)", weights=True)
 
     def __post_init__(self):
         check_types(self)
@@ -107,6 +110,7 @@ class Dataset:
     hard_negatives: bool
     max_examples: int
     prompt_columns: dict
+    mine: bool  # with --mine-negatives: mine its pairs (a dataset of pairs with a ranking loss)
 
 
 def plan(data: list[str], tables: dict[str, DatasetSettings], run: dict) -> list[Dataset]:
@@ -130,7 +134,7 @@ def plan(data: list[str], tables: dict[str, DatasetSettings], run: dict) -> list
             raise ConfigError(f"[datasets.{name}]: no data (give its data = [...] or --data {name}=SPEC)")
         values = run | given
         out.append(Dataset(name, tuple(paths), values["loss"], values["batch_size"], values["columns"],
-                           values["hard_negatives"], values["max_examples"], values["prompt_columns"]))
+                           values["hard_negatives"], values["max_examples"], values["prompt_columns"], values["mine"]))
     return out
 
 

@@ -181,20 +181,32 @@ def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | No
         raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(rows.columns)}); "
                           "mine for (anchor, positive) pairs")
     mixture = Mixture.of(loaded)
-    if config.mining and not minable(config, mixture):
-        raise ConfigError("--mine-negatives: no dataset is of (anchor, positive) pairs with a ranking loss: "
-                          + "; ".join(f"{p.name} has ({', '.join(p.data.columns)}) for --loss {p.dataset.loss}"
-                                      for p in mixture.parts))
+    for name, table in config.dataset_tables.items():  # here, not in the config: a file may leave mining to a flag
+        if table.mine and not config.mining:
+            raise ConfigError(f"[datasets.{name}] mine = true: mining is the run's --mine-negatives N (the number of "
+                              "negatives per row); give it, or leave mine out")
+    if config.mining:
+        for part in mixture.parts:
+            if config.dataset_tables.get(part.name) and config.dataset_tables[part.name].mine and \
+                    len(part.data.columns) != 2:
+                raise ConfigError(f"[datasets.{part.name}] mine = true: its rows already have negatives "
+                                  f"({', '.join(part.data.columns)}); mining is for (anchor, positive) pairs")
+        if not minable(config, mixture):
+            raise ConfigError("--mine-negatives: no dataset to mine, of (anchor, positive) pairs with a ranking loss "
+                              "and not mine = false: " + "; ".join(
+                                  f"{p.name} has ({', '.join(p.data.columns)}) for --loss {p.dataset.loss}"
+                                  + ("" if p.dataset.mine else ", mine = false") for p in mixture.parts))
     return mixture
 
 
 def minable(config: TrainConfig, data: Mixture) -> list[int]:
     """The datasets --mine-negatives mines (their index): those of (anchor, positive) pairs whose loss ranks
-    in-batch candidates; the others (rows with negatives, a classifier's labelled pairs) train as they are."""
+    in-batch candidates, unless their table says ``mine = false``; the others (rows with negatives, a classifier's
+    labelled pairs) train as they are."""
     if not config.mining:
         return []
     return [k for k, part in enumerate(data.parts)
-            if len(part.data.columns) == 2 and LOSSES[part.dataset.loss].input == RANKING]
+            if part.dataset.mine and len(part.data.columns) == 2 and LOSSES[part.dataset.loss].input == RANKING]
 
 
 def load_dataset(dataset: Dataset, root: Path | None, strict_qrels: bool) -> TrainingSet:
