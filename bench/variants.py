@@ -1,8 +1,8 @@
 """A shipped recipe and its variants, scored at each embedding size (its first d values, renormalised): Matryoshka
 (equal weights, or the full size weighted up), query/passage prompts, a guide against false negatives (--guide, the
-base model), more directions in the loss (GTE's) or hardness weighting, and sentence-transformers'
-MatryoshkaLoss(MultipleNegativesRankingLoss) or GISTEmbedLoss trained on the rows of the matching mnr run with the
-recipe's settings.
+base model), more directions in the loss (GTE's) or hardness weighting, more mined negatives (SciFact), and
+sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss) or GISTEmbedLoss trained on the rows of the
+matching mnr run with the recipe's settings.
 
     python -m bench.variants --task scifact --variants recipe prompts --seeds 0 1 2          # dev: choose
     python -m bench.variants --task scifact --variants recipe matryoshka st --seeds 0 1 2 --test   # report once
@@ -49,6 +49,7 @@ VARIANTS = {
             {"directions": ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]}),
     "hardness": ("the recipe + --hardness-mode all_negatives --hardness-strength 5",
                  {"hardness_mode": "all_negatives", "hardness_strength": 5.0}),
+    "negatives-3": ("the recipe + --mine-negatives 3 (SciFact: three mined negatives a row)", {"mine_negatives": 3}),
     "st-gist": ("sentence-transformers GISTEmbedLoss, the same guide, that run's rows",
                 {"guide": "BASE"}),
 }
