@@ -81,5 +81,9 @@ def test_bench_is_a_package_that_patches_nothing():
         for word in ("mock.patch", "monkeypatch", "sys.path", "from unittest import mock"):
             assert word not in text, f"{path.name}: {word}"
         importlib.import_module(f"bench.{path.stem}")
+    # a script's work waits for `python -m bench.NAME`: importing it (as above) measures nothing
+    libraries = {"common", "st"}
+    assert [p.name for p in scripts if p.stem not in libraries and 'if __name__ == "__main__":' not in
+            p.read_text()] == []
     sentence_transformers_trainers = [p.name for p in scripts if "SentenceTransformerTrainer(" in p.read_text()]
     assert sentence_transformers_trainers == ["st.py"]  # one harness, used by every comparison
