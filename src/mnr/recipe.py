@@ -176,27 +176,31 @@ def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | No
             raise ConfigError("--data: no training files given")
         loaded = [(d, load_dataset(d, root, config.data.strict_qrels)) for d in datasets]
     loaded = [(d, rows.sample(d.max_examples, config.training.seed)) for d, rows in loaded]
-    rows = loaded[0][1]
-    if config.mining and len(loaded) == 1 and len(rows.columns) != 2:
-        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(rows.columns)}); "
-                          "mine for (anchor, positive) pairs")
     mixture = Mixture.of(loaded)
-    for name, table in config.dataset_tables.items():  # here, not in the config: a file may leave mining to a flag
-        if table.mine and not config.mining:
-            raise ConfigError(f"[datasets.{name}] mine = true: mining is the run's --mine-negatives N (the number of "
-                              "negatives per row); give it, or leave mine out")
-    if config.mining:
-        for part in mixture.parts:
-            if config.dataset_tables.get(part.name) and config.dataset_tables[part.name].mine and \
-                    len(part.data.columns) != 2:
-                raise ConfigError(f"[datasets.{part.name}] mine = true: its rows already have negatives "
-                                  f"({', '.join(part.data.columns)}); mining is for (anchor, positive) pairs")
-        if not minable(config, mixture):
-            raise ConfigError("--mine-negatives: no dataset to mine, of (anchor, positive) pairs with a ranking loss "
-                              "and not mine = false: " + "; ".join(
-                                  f"{p.name} has ({', '.join(p.data.columns)}) for --loss {p.dataset.loss}"
-                                  + ("" if p.dataset.mine else ", mine = false") for p in mixture.parts))
+    check_mining(config, mixture)
     return mixture
+
+
+def check_mining(config: TrainConfig, data: Mixture) -> None:
+    """What a table's ``mine`` asks fits the run and the dataset's rows, and --mine-negatives has a dataset to mine
+    (checked here, on the loaded rows, not in the config: a config file may leave mining to a flag)."""
+    columns = data.parts[0].data.columns
+    if config.mining and len(data.parts) == 1 and len(columns) != 2:
+        raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(columns)}); "
+                          "mine for (anchor, positive) pairs")
+    for part in data.parts:
+        table = config.dataset_tables.get(part.name)
+        if table and table.mine and not config.mining:
+            raise ConfigError(f"[datasets.{part.name}] mine = true: mining is the run's --mine-negatives N (the "
+                              "number of negatives per row); give it, or leave mine out")
+        if table and table.mine and len(part.data.columns) != 2:
+            raise ConfigError(f"[datasets.{part.name}] mine = true: its rows already have negatives "
+                              f"({', '.join(part.data.columns)}); mining is for (anchor, positive) pairs")
+    if config.mining and not minable(config, data):
+        raise ConfigError("--mine-negatives: no dataset to mine, of (anchor, positive) pairs with a ranking loss and "
+                          "not mine = false: " + "; ".join(
+                              f"{p.name} has ({', '.join(p.data.columns)}) for --loss {p.dataset.loss}"
+                              + ("" if p.dataset.mine else ", mine = false") for p in data.parts))
 
 
 def minable(config: TrainConfig, data: Mixture) -> list[int]:
