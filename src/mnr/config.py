@@ -267,10 +267,6 @@ class TrainConfig:
                               "labelled pairs")  # the datasets whose loss takes none (recipe.minable)
         for d in datasets:
             where = f"[datasets.{d.name}] " if d.name else ""
-            if self.mining and d.name in self.dataset_tables and self.dataset_tables[d.name].mine and \
-                    LOSSES[d.loss].input != RANKING:
-                raise ConfigError(f"{where}mine = true: --loss {d.loss} trains on labelled pairs, not ranked "
-                                  "candidates; nothing to mine for")
             try:  # the training settings' own checks, on the dataset's loss and batch size
                 dataclasses.replace(self.training, loss=d.loss, batch_size=d.batch_size)
             except ConfigError as e:

@@ -182,8 +182,8 @@ def training_data(config: TrainConfig, root: Path | None, data: TrainingSet | No
 
 
 def check_mining(config: TrainConfig, data: Mixture) -> None:
-    """What a table's ``mine`` asks fits the run and the dataset's rows, and --mine-negatives has a dataset to mine
-    (checked here, on the loaded rows, not in the config: a config file may leave mining to a flag)."""
+    """What a table's ``mine`` asks fits the run, the dataset's loss and its rows, and --mine-negatives has a dataset
+    to mine (all checked here, on the loaded rows, not in the config: a config file may leave mining to a flag)."""
     columns = data.parts[0].data.columns
     if config.mining and len(data.parts) == 1 and len(columns) != 2:
         raise ConfigError(f"--mine-negatives: the training rows already have negatives ({', '.join(columns)}); "
@@ -193,6 +193,9 @@ def check_mining(config: TrainConfig, data: Mixture) -> None:
         if table and table.mine and not config.mining:
             raise ConfigError(f"[datasets.{part.name}] mine = true: mining is the run's --mine-negatives N (the "
                               "number of negatives per row); give it, or leave mine out")
+        if table and table.mine and LOSSES[part.dataset.loss].input != RANKING:
+            raise ConfigError(f"[datasets.{part.name}] mine = true: --loss {part.dataset.loss} trains on labelled "
+                              "pairs, not ranked candidates; nothing to mine for")
         if table and table.mine and len(part.data.columns) != 2:
             raise ConfigError(f"[datasets.{part.name}] mine = true: its rows already have negatives "
                               f"({', '.join(part.data.columns)}); mining is for (anchor, positive) pairs")
